@@ -1,0 +1,124 @@
+"""The one place that knows whether arrays live on the CPU (NumPy) or a CUDA GPU (CuPy).
+
+Array code never imports numpy or cupy itself. It asks this module for the
+array module, in one of two ways:
+
+    xp = backend.get_array_module(x)   # layers: compute where the inputs live
+    xp = backend.array_module(device)  # code that creates arrays from nothing
+
+NumPy and CuPy share one API, so the same lines run on both. Copies between
+host and device happen only at the edges (I/O, printing, checkpoints), through
+`to_host` and `to_device`.
+"""
+
+import numpy
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used on this machine."""
+
+
+def _import_cupy():
+    """Return the cupy module when it is installed and sees a GPU, else None."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # CuPy installed without a usable driver or GPU
+        return None
+    return cupy
+
+
+def cuda_available():
+    return _import_cupy() is not None
+
+
+def resolve_device(device="auto"):
+    """Map 'cpu' | 'cuda' | 'auto' to the concrete device, 'cpu' or 'cuda'.
+
+    'auto' picks CUDA when CuPy is installed and a GPU is present, else the CPU.
+    'cuda' without CuPy or a GPU fails at once rather than later, deep inside.
+    """
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if device == "auto":
+        return "cpu"
+    raise BackendError(
+        "--device cuda needs CuPy and a CUDA GPU: install with "
+        "`pip install -e '.[gpu]'` (CuPy for CUDA 12 or 13) or use --device cpu"
+    )
+
+
+def array_module(device):
+    """The array module (numpy or cupy) for a concrete device name."""
+    if device == "cpu":
+        return numpy
+    cupy = _import_cupy()
+    if cupy is None:
+        raise BackendError(f"device {device!r} is not available on this machine")
+    return cupy
+
+
+def get_array_module(*arrays):
+    """numpy, or cupy when any of the arrays lives on the GPU."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            import cupy
+
+            return cupy
+    return numpy
+
+
+def device_of(array):
+    return "cpu" if get_array_module(array) is numpy else "cuda"
+
+
+def to_host(array):
+    """A NumPy copy (or the array itself when it is already on the host)."""
+    if get_array_module(array) is numpy:
+        return numpy.asarray(array)
+    return array.get()
+
+
+def to_device(array, device):
+    """The array on `device`, copied only when it is not there already."""
+    return array_module(device).asarray(array)
+
+
+def dtype_of(name):
+    """numpy.dtype for 'float32' | 'float64' (the dtypes every layer supports)."""
+    if name not in ("float32", "float64"):
+        raise BackendError(f"unsupported dtype {name!r}: choose float32 or float64")
+    return numpy.dtype(name)
+
+
+class RNG:
+    """A seeded random generator that draws on the device where the arrays live.
+
+    Dropout masks are drawn here, on the device, so a training step never waits
+    on a host-to-device copy of random numbers.
+    """
+
+    def __init__(self, seed, device="cpu"):
+        self.device = device
+        self.xp = array_module(device)
+        self._generator = self.xp.random.default_rng(seed)
+
+    def uniform(self, shape, dtype):
+        """Samples of U[0, 1) with the given shape and dtype."""
+        return self._generator.random(size=shape, dtype=dtype)
+
+    def normal(self, shape, std, dtype):
+        """Samples of N(0, std^2) with the given shape and dtype."""
+        sample = self._generator.standard_normal(size=shape, dtype=dtype)
+        sample *= std
+        return sample

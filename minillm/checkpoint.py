@@ -1,0 +1,114 @@
+"""Checkpoints: one NumPy .npz file, loaded without pickle, written atomically.
+
+Layout inside the .npz (a zip of .npy arrays):
+    meta.json           UTF-8 JSON as a uint8 array: format, config, dtype, tokenizer, step, ...
+    params/NAME         every model parameter
+    adam_m/NAME         AdamW first moments   (when an optimizer is saved)
+    adam_v/NAME         AdamW second moments
+
+Loading uses numpy.load(allow_pickle=False), so a file can hold only plain
+numeric arrays: opening a checkpoint never executes code. Saving writes a
+temporary file beside the target, flushes it to disk, then renames it over the
+target, so an interrupted save leaves the previous checkpoint intact.
+"""
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy
+
+from minillm import backend, tokenizers
+from minillm.model import GPT, GPTConfig
+
+FORMAT = "minillm-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written."""
+
+
+def atomic_write(path, write):
+    """Call write(file_object) on a temporary file, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path, model, tokenizer, optimizer=None, **meta):
+    """Write model parameters (and optimizer moments) to `path`; extra keyword values go into meta.json."""
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "dtype": model.dtype.name,
+        "tokenizer": tokenizer.to_dict(),
+        **meta,
+    }
+    arrays = {f"params/{name}": backend.to_host(p) for name, p in model.params.items()}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        header["optimizer_step"] = state["t"]
+        for name in model.params:
+            arrays[f"adam_m/{name}"] = backend.to_host(state["m"][name])
+            arrays[f"adam_v/{name}"] = backend.to_host(state["v"][name])
+    arrays["meta.json"] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
+    try:
+        atomic_write(path, lambda f: numpy.savez(f, **arrays))
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}") from None
+
+
+def read_arrays(path):
+    """All arrays of a checkpoint file as host NumPy arrays, plus its parsed meta.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
+    try:
+        meta = json.loads(arrays.pop("meta.json").tobytes().decode("utf-8"))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: not a minillm checkpoint (no valid meta.json)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minillm checkpoint (format {meta.get('format')!r})")
+    return arrays, meta
+
+
+def load(path, device="cpu"):
+    """(model, tokenizer, meta, optimizer_state or None) from a checkpoint file."""
+    arrays, meta = read_arrays(path)
+    try:
+        config = GPTConfig(**meta["config"])
+        tokenizer = tokenizers.from_dict(meta["tokenizer"])
+        model = GPT(config, dtype=meta["dtype"], device=device)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid checkpoint metadata ({err})") from None
+    for name, p in model.params.items():
+        stored = arrays.get(f"params/{name}")
+        if stored is None or stored.shape != p.shape:
+            raise CheckpointError(f"{path}: parameter {name} is missing or has the wrong shape")
+        p[...] = backend.to_device(stored, model.device)
+    optimizer_state = None
+    if "optimizer_step" in meta:
+        optimizer_state = {
+            "t": meta["optimizer_step"],
+            "m": {name: arrays[f"adam_m/{name}"] for name in model.params},
+            "v": {name: arrays[f"adam_v/{name}"] for name in model.params},
+        }
+    return model, tokenizer, meta, optimizer_state

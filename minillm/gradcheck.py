@@ -1,0 +1,136 @@
+"""Numerical gradient checking: analytic gradients against central finite differences.
+
+    numeric_i = (f(x + h e_i) - f(x - h e_i)) / (2 h)       error O(h^2), one element at a time
+
+The error measure, per array (one parameter, or one layer input):
+
+    relative_error(analytic, numeric) = max_i |analytic_i - numeric_i| / max_i max(|analytic_i|, |numeric_i|)
+
+i.e. the worst element's error measured against the array's largest gradient. It is
+0 for a perfect match, and it does not blow up on elements whose gradient is near 0
+(where an element-by-element ratio would divide noise by noise).
+
+Run it as a command:  python -m minillm.gradcheck [--n-layer 2 --n-head 2 ...]
+It builds a tiny float64 model with random weights, prints the error of every
+parameter, and exits with status 1 if any exceeds the tolerance.
+"""
+
+import argparse
+import sys
+
+import numpy
+
+from minillm import backend
+from minillm.model import GPT, GPTConfig
+
+TOLERANCE = 1e-6
+STEP = 1e-5
+
+
+def numerical_gradient(f, x, h=STEP):
+    """Central-difference gradient of the scalar function f() with respect to the array x.
+
+    x is perturbed in place, one element at a time, and restored afterwards.
+    """
+    xp = backend.get_array_module(x)
+    grad = xp.zeros(x.shape, dtype=numpy.float64)
+    flat = x.reshape(-1)  # a view: writing to it perturbs x
+    grad_flat = grad.reshape(-1)
+    for i in range(flat.size):
+        original = flat[i].copy()
+        flat[i] = original + h
+        f_plus = float(f())
+        flat[i] = original - h
+        f_minus = float(f())
+        flat[i] = original
+        grad_flat[i] = (f_plus - f_minus) / (2 * h)
+    return grad
+
+
+def relative_error(analytic, numeric):
+    """max |a - n| / max(|a|, |n|) over the array (see the module docstring); 0 when both are 0."""
+    a = backend.to_host(analytic).astype(numpy.float64)
+    n = backend.to_host(numeric).astype(numpy.float64)
+    scale = max(numpy.abs(a).max(initial=0.0), numpy.abs(n).max(initial=0.0))
+    if scale == 0.0:
+        return 0.0
+    return float(numpy.abs(a - n).max() / scale)
+
+
+def randomize(params, seed, std=0.5):
+    """Overwrite every parameter with N(0, std^2) values: no zero biases, no unit gains.
+
+    GPT-2's own initialisation (zero biases, LayerNorm gains of one) would leave
+    symmetric cases that a wrong gradient could pass.
+    """
+    rng = numpy.random.default_rng(seed)
+    for p in params.values():
+        xp = backend.get_array_module(p)
+        p[...] = xp.asarray(rng.normal(0.0, std, size=p.shape))
+
+
+def model_gradient_errors(model, idx, targets, dropout_seed=0, h=STEP):
+    """{name: relative error} for every parameter of a float64 model on one batch.
+
+    With dropout, the generator is reseeded before every forward pass, so all the
+    perturbed passes draw the same masks as the analytic one.
+    """
+    def loss():
+        model.rng = backend.RNG(dropout_seed, model.device)
+        return model(idx, targets)[1]
+
+    loss()
+    analytic = model.backward()
+    return {
+        name: relative_error(analytic[name], numerical_gradient(loss, p, h))
+        for name, p in model.params.items()
+    }
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m minillm.gradcheck",
+        description="Check the model's analytic gradients against central finite differences (float64).",
+    )
+    parser.add_argument("--vocab-size", type=int, default=11)
+    parser.add_argument("--block-size", type=int, default=6)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-head", type=int, default=2)
+    parser.add_argument("--n-embd", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--no-bias", action="store_true", help="check the bias-free variant")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = GPTConfig(
+        vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+        n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
+    )
+    model = GPT(config, seed=args.seed, dtype="float64", device=args.device)
+    randomize(model.params, args.seed)
+    rng = numpy.random.default_rng(args.seed)
+    shape = (args.batch_size, args.block_size)
+    idx = rng.integers(0, args.vocab_size, size=shape)
+    targets = rng.integers(0, args.vocab_size, size=shape)
+
+    errors = model_gradient_errors(model, idx, targets, dropout_seed=args.seed)
+    width = max(len(name) for name in errors)
+    print(f"{'parameter':<{width}}  {'shape':>10}  {'max rel. error':>14}")
+    for name, error in errors.items():
+        shape_text = "x".join(map(str, model.params[name].shape))
+        flag = "" if error <= args.tolerance else "  FAIL"
+        print(f"{name:<{width}}  {shape_text:>10}  {error:14.3e}{flag}")
+    worst = max(errors.values())
+    failed = sum(error > args.tolerance for error in errors.values())
+    print(f"\nworst {worst:.3e}; tolerance {args.tolerance:.0e}; {len(errors) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

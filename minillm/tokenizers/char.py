@@ -1,0 +1,44 @@
+"""Character-level tokenizer: one id per distinct character of the training text."""
+
+
+class UnknownCharactersError(ValueError):
+    """Text contains characters the vocabulary does not have."""
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text):
+        """The vocabulary is the sorted set of characters in `text`."""
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return [self.ids[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - self.ids.keys())
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise UnknownCharactersError(
+                f"text has {len(unknown)} character(s) not in the {self.vocab_size}-character "
+                f"vocabulary: {shown}{more}"
+            ) from None
+
+    def decode(self, ids):
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_dict(self):
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(data["chars"])
