@@ -1,0 +1,79 @@
+"""Shared benchmark helpers: timing with medians, machine description, BENCHMARKS.md sections."""
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS_FILE = Path("BENCHMARKS.md")
+
+
+def median_seconds(fn, repeat=5, warmup=1, sync=None):
+    """Median wall time of fn() over `repeat` runs, after `warmup` untimed runs.
+
+    `sync` (e.g. a device synchronise) is called before each clock read, so
+    asynchronous GPU work is inside the measured interval.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {numpy.__version__}"
+
+
+def format_table(headers, rows):
+    """A Markdown table; every cell is str()-ed."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def write_section(title, body, path=BENCHMARKS_FILE):
+    """Put `body` under the heading `## title` in BENCHMARKS.md, replacing an older run of it."""
+    stamp = datetime.date.today().isoformat()
+    section = (
+        f"## {title}\n\n"
+        f"Measured {stamp} on {machine_description()}.\n"
+        f"Command: `{command_line()}`\n\n"
+        f"{body.strip()}\n"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured tables; each section names the command that reproduces it.\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def command_line():
+    """How this benchmark was started, e.g. `python -m minillm.bench.sampling --write`."""
+    spec = sys.modules["__main__"].__spec__
+    program = f"python -m {spec.name}" if spec else f"python {Path(sys.argv[0]).name}"
+    return " ".join([program, *sys.argv[1:]])
