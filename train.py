@@ -2,7 +2,7 @@
 
 import sys
 
-from minillm.training import main
+from minillm.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -90,6 +90,21 @@ def read_arrays(path):
     return arrays, meta
 
 
+def read_meta(path):
+    """Only the JSON header of a checkpoint (the arrays stay on disk)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            meta = json.loads(npz["meta.json"].tobytes().decode("utf-8"))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minillm checkpoint")
+    return meta
+
+
 def load(path, device="cpu"):
     """(model, tokenizer, meta, optimizer_state or None) from a checkpoint file."""
     arrays, meta = read_arrays(path)

@@ -4,9 +4,14 @@ text -> tokenizer -> flat integer token array -> 90/10 train/val split ->
 random contiguous windows (x, y) with y = x shifted left by one token.
 """
 
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy
+
+from minillm.checkpoint import atomic_write
 
 
 class DataError(ValueError):
@@ -50,24 +55,80 @@ def read_text(path):
     return text
 
 
-def token_array(ids, vocab_size):
-    """Ids as the smallest unsigned integer array that holds the vocabulary."""
-    dtype = numpy.uint16 if vocab_size <= 2**16 else numpy.uint32
-    return numpy.asarray(ids, dtype=dtype)
+# Named corpora that are downloaded on request only: (address, size in bytes).
+DATASETS = {
+    "shakespeare": (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        1_115_394,
+    ),
+}
 
 
-def split(tokens, val_fraction=0.1):
-    """(train, val): the first 90% of the tokens, then the last 10%."""
-    n_train = int(len(tokens) * (1.0 - val_fraction))
-    return tokens[:n_train], tokens[n_train:]
+def cache_dir():
+    """$XDG_CACHE_HOME/minillm, or ~/.cache/minillm."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minillm"
 
 
-def check_long_enough(tokens, block_size, name):
-    if len(tokens) < block_size + 1:
+def fetch_dataset(name):
+    """Path of a named corpus, downloaded into the cache folder the first time it is asked for."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    url, size = DATASETS[name]
+    path = cache_dir() / f"{name}.txt"
+    if path.is_file() and path.stat().st_size == size:
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+    except (urllib.error.URLError, OSError) as err:
         raise DataError(
-            f"the {name} split has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-            "use more text or a smaller --block-size"
-        )
+            f"could not download the {name} dataset from {url} ({getattr(err, 'reason', err)}); "
+            "if you are offline, pass --data PATH to a local copy of the text"
+        ) from None
+    if len(body) != size:
+        raise DataError(f"the {name} download has {len(body):,} bytes, expected {size:,}; try again later")
+    atomic_write(path, lambda f: f.write(body))
+    return path
+
+
+def token_dtype(vocab_size):
+    """The smallest unsigned integer type that holds every token id."""
+    return numpy.uint16 if vocab_size <= 2**16 else numpy.uint32
+
+
+def write_token_file(path, ids, vocab_size):
+    """Token ids as a flat binary file (like nanoGPT's train.bin), written atomically."""
+    tokens = numpy.asarray(ids, dtype=token_dtype(vocab_size))
+    atomic_write(path, lambda f: f.write(tokens.tobytes()))
+
+
+def open_token_file(path, vocab_size):
+    """A read-only memory map of a token file: batches read only the windows they need."""
+    return numpy.memmap(path, dtype=token_dtype(vocab_size), mode="r")
+
+
+def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1):
+    """Encode text, write train.bin (first 90%) and val.bin (last 10%), return both memory-mapped.
+
+    Each split must hold at least one window of block_size + 1 tokens (inputs plus
+    the shifted targets).
+    """
+    ids = tokenizer.encode(text)
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    parts = {"train": ids[:n_train], "val": ids[n_train:]}
+    for name, part in parts.items():
+        if len(part) < block_size + 1:
+            raise DataError(
+                f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                "use more text or a smaller --block-size"
+            )
+    splits = []
+    for name, part in parts.items():
+        path = Path(directory) / f"{name}.bin"
+        write_token_file(path, part, tokenizer.vocab_size)
+        splits.append(open_token_file(path, tokenizer.vocab_size))
+    return splits
 
 
 def get_batch(tokens, batch_size, block_size, rng):

@@ -1,16 +1,27 @@
-"""The training loop: data -> model -> loss -> backward -> AdamW, with evaluation and checkpoints.
+"""Pretraining: data -> model -> loss -> backward -> AdamW, with evaluation, logs and checkpoints.
 
-Each step accumulates the gradients of `grad_accum` micro-batches (each the mean
-over its own tokens, so the average of the micro-batch gradients equals the
-gradient of the whole batch), clips them by global norm, and takes one AdamW step
-at the learning rate of the warmup + cosine schedule.
+Each step averages the gradients of `grad_accum` micro-batches (each the mean over
+its own tokens, so the average equals the gradient of the whole batch), clips them
+by global norm, and takes one AdamW step at the warmup + cosine learning rate.
+
+Randomness is counter-based: the batches and the dropout masks of step k come
+from generators seeded with (seed, k). Resuming at step k therefore needs no saved
+generator state, and a resumed run repeats an uninterrupted one exactly.
+
+The out dir holds:
+    ckpt.npz     the best model so far (lowest validation loss)
+    last.npz     the latest state, for --resume (parameters, AdamW moments, step)
+    train.bin, val.bin   the token files
+    log.jsonl    one JSON object per progress line and per evaluation
+    loss.png     the loss curves (when matplotlib is installed)
 """
 
-import argparse
+import json
 import math
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy
@@ -21,15 +32,27 @@ from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.sampling import generate
 from minillm.tokenizers.char import CharTokenizer
 
-CHECKPOINT_NAME = "ckpt.npz"
+BEST_CHECKPOINT = "ckpt.npz"
+LAST_CHECKPOINT = "last.npz"
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+
+# Independent random streams, each seeded with (seed, stream, step).
+BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN)."""
 
 
 @dataclass
 class TrainConfig:
-    """Defaults: the 'baby' character-level model, a few minutes on a laptop CPU."""
+    """Every training option; the defaults are the `baby` preset."""
 
-    data: str = ""  # a text file or folder of .txt files; empty: the built-in corpus
+    data: str = ""
+    dataset: str = ""
     out_dir: str = "out"
+    resume: bool = False
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -49,6 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 20
+    save_interval: int = 250
     log_interval: int = 50
     sample_tokens: int = 200
     seed: int = 1337
@@ -56,52 +80,133 @@ class TrainConfig:
     dtype: str = "float32"
 
 
-HELP = {
-    "data": "UTF-8 text file or folder of .txt files (default: Python's documentation topics, built in)",
-    "out_dir": "folder for the checkpoint",
-    "n_layer": "transformer blocks",
-    "n_head": "attention heads (must divide --n-embd)",
-    "n_embd": "embedding width",
-    "block_size": "context length in tokens",
-    "dropout": "dropout probability on attention weights and residual branches",
-    "bias": "biases in linear layers and LayerNorms (--no-bias to drop them)",
-    "batch_size": "sequences per micro-batch",
-    "grad_accum": "micro-batches accumulated into one optimizer step",
-    "max_iters": "optimizer steps",
-    "lr": "peak learning rate",
-    "min_lr": "learning-rate floor of the cosine decay",
-    "warmup_iters": "steps of linear warmup",
-    "lr_decay_iters": "step at which the cosine decay reaches --min-lr",
-    "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
-    "beta1": "AdamW beta1",
-    "beta2": "AdamW beta2",
-    "grad_clip": "clip the global gradient norm to this (0: no clipping)",
-    "eval_interval": "steps between evaluations (and checkpoints)",
-    "eval_iters": "batches per split in each evaluation",
-    "log_interval": "steps between progress lines",
-    "sample_tokens": "characters sampled after evaluation and at the end",
-    "seed": "random seed (initialisation, batches, dropout)",
-    "device": "cpu, cuda, or auto (CUDA when CuPy and a GPU are present)",
-    "dtype": "float32 or float64",
+PRESETS = {
+    # nanoGPT's CPU-sized character model: a few minutes on a laptop.
+    "baby": {},
+    # nanoGPT's shakespeare-char model, batch 8: wants a fast CPU or a GPU.
+    "small": dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, dropout=0.2,
+        max_iters=5000, lr_decay_iters=5000, eval_interval=500, save_interval=500, eval_iters=50,
+    ),
 }
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="train.py", description="Train a GPT on a text corpus, character by character."
-    )
-    for field in fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=HELP[field.name])
+def stream_rng(seed, stream, step):
+    """A NumPy generator for one (stream, step): the same numbers on every run and resume."""
+    return numpy.random.default_rng([seed, stream, step])
+
+
+def stream_seed(seed, stream, step):
+    """An integer seed for one (stream, step), for generators on the model's device."""
+    return int(numpy.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
+
+
+def validate(cfg):
+    """Raise ConfigError naming the first option whose value cannot work."""
+    positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
+    non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.data and cfg.dataset:
+        raise ConfigError("--data and --dataset name two corpora: give one of them")
+    backend.dtype_of(cfg.dtype)
+
+
+def load_corpus(cfg):
+    """(text, description) of the corpus the options name; the built-in one by default."""
+    if cfg.dataset:
+        path = data.fetch_dataset(cfg.dataset)
+        return data.read_text(path), f"{cfg.dataset} ({path})"
+    if cfg.data:
+        return data.read_text(cfg.data), cfg.data
+    return data.builtin_corpus(), "built-in (Python documentation topics)"
+
+
+class Progress:
+    """Progress lines: a tqdm bar on a terminal, plain lines otherwise; plus the JSONL log."""
+
+    def __init__(self, cfg, start_step, out_dir):
+        self.log_path = Path(out_dir) / LOG_FILE
+        self.log = open(self.log_path, "a")
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_iters, initial=start_step, dynamic_ncols=True, unit="step")
+
+    def print(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
         else:
-            parser.add_argument(flag, type=field.type, default=field.default, help=f"{HELP[field.name]} (default: {field.default})")
-    args = parser.parse_args(argv)
-    return TrainConfig(**vars(args))
+            print(text, flush=True)
+
+    def record(self, entry):
+        self.log.write(json.dumps(entry) + "\n")
+        self.log.flush()
+
+    def step(self, entry, show_line):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.1e}",
+                ms=f"{entry['ms_per_step']:.0f}", tok_s=f"{entry['tokens_per_s']:,.0f}",
+            )
+        if show_line:
+            self.record(entry)
+            if self.bar is None:
+                self.print(
+                    f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {entry['grad_norm']:.3f}, "
+                    f"lr {entry['lr']:.2e}, {entry['ms_per_step']:.0f} ms/step, {entry['tokens_per_s']:,.0f} tokens/s"
+                )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against step, from the log; returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    evals = {}
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if "val_loss" in entry:
+            evals[entry["step"]] = entry  # a resumed run overwrites the steps it repeats
+    steps = sorted(evals)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [evals[s]["train_loss"] for s in steps], label="train")
+    ax.plot(steps, [evals[s]["val_loss"] for s in steps], label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
 
 
 def estimate_loss(model, batches):
-    """Mean loss over fixed batches, with dropout off; a Python float (one device sync)."""
+    """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
     model.eval()
     total = sum(model(x, y)[1] for x, y in batches)
     model.train()
@@ -109,104 +214,172 @@ def estimate_loss(model, batches):
 
 
 def sample_text(model, tokenizer, n_tokens, seed):
+    """A sample that starts from a newline (or token 0 when the vocabulary has none)."""
     start = tokenizer.encode("\n") if "\n" in tokenizer.ids else [0]
-    ids = generate(model, numpy.array([start]), n_tokens, temperature=0.8, top_k=None, seed=seed)
+    ids = generate(model, numpy.array([start]), n_tokens, temperature=0.8, seed=seed)
     return tokenizer.decode(backend.to_host(ids)[0, len(start):])
 
 
-def train(cfg):
-    text = data.read_text(cfg.data) if cfg.data else data.builtin_corpus()
-    tokenizer = CharTokenizer.from_text(text)
-    train_tokens, val_tokens = data.split(data.token_array(tokenizer.encode(text), tokenizer.vocab_size))
-    data.check_long_enough(train_tokens, cfg.block_size, "train")
-    data.check_long_enough(val_tokens, cfg.block_size, "val")
+def describe_nonfinite(loss, grads):
+    """Where the numbers first went bad: the loss itself, or the first non-finite gradient.
 
-    device = backend.resolve_device(cfg.device)
+    The backward pass computes the gradients from the output back to the input,
+    the reverse of the order of model.params, so that is the order searched.
+    """
+    if not math.isfinite(loss):
+        return f"the loss is {loss} (the forward pass overflowed)"
+    for name in reversed(list(grads)):
+        if not bool(backend.get_array_module(grads[name]).isfinite(grads[name]).all()):
+            return f"the loss is finite, but the gradient of {name} is the first to be non-finite"
+    return "the gradient norm overflowed"
+
+
+def build_or_resume(cfg, tokenizer, device, resumed):
+    """(model, optimizer, start step, best val loss): fresh, or from the loaded last.npz."""
     model_config = GPTConfig(
         vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
     )
-    model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device)
-    optimizer = AdamW(
-        model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-    )
-    batch_rng = numpy.random.default_rng(cfg.seed)
-    # The same evaluation batches every time, so successive evaluations are comparable.
-    eval_rng = numpy.random.default_rng(cfg.seed + 1)
-    eval_batches = {
-        split: [data.get_batch(tokens, cfg.batch_size, cfg.block_size, eval_rng) for _ in range(cfg.eval_iters)]
-        for split, tokens in (("train", train_tokens), ("val", val_tokens))
-    }
-    ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    print(
-        f"corpus: {len(text):,} characters, vocabulary {tokenizer.vocab_size}; "
-        f"model: {model.num_params():,} parameters on {device} ({cfg.dtype})"
-    )
-
-    best_val = math.inf
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    t_last = time.perf_counter()
-    for step in range(cfg.max_iters + 1):
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            losses = {split: estimate_loss(model, batches) for split, batches in eval_batches.items()}
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if losses["val"] < best_val:
-                best_val = losses["val"]
-                checkpoint.save(
-                    ckpt_path, model, tokenizer, optimizer,
-                    step=step, val_loss=best_val, train_config=asdict(cfg),
-                )
-        if step == cfg.max_iters:
-            break
-
-        lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-        grads = None
-        for _ in range(cfg.grad_accum):
-            x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, batch_rng)
-            _, loss = model(x, y)
-            micro = model.backward()
-            if grads is None:
-                grads = micro
-            else:
-                for name, g in micro.items():
-                    grads[name] += g
-        if cfg.grad_accum > 1:
-            for g in grads.values():
-                g *= 1.0 / cfg.grad_accum
-        grad_norm = clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.step(grads, lr=lr)
-
-        if step % cfg.log_interval == 0:
-            elapsed = time.perf_counter() - t_last
-            steps = cfg.log_interval if step else 1
-            t_last = time.perf_counter()
-            print(
-                f"step {step}: loss {float(loss):.4f}, grad norm {float(grad_norm):.3f}, lr {lr:.2e}, "
-                f"{1000 * elapsed / steps:.0f} ms/step, {tokens_per_step * steps / elapsed:,.0f} tokens/s"
-            )
-
-    best_model, tokenizer, meta, _ = checkpoint.load(ckpt_path, device=device)
-    print(f"\nsample from the best checkpoint (step {meta['step']}, val loss {meta['val_loss']:.4f}):")
-    print(sample_text(best_model, tokenizer, cfg.sample_tokens, cfg.seed))
-    print(f"\ncheckpoint: {ckpt_path}")
-    print(f"sample more: python generate.py --ckpt {ckpt_path}")
-    return best_model
+    if resumed is None:
+        model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device)
+        optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return model, optimizer, 0, math.inf
+    model, _, meta, optimizer_state = resumed
+    if model.config != model_config:
+        raise ConfigError(
+            f"the checkpoint's model ({model.config}) differs from the options given; "
+            "resume with the options of that run"
+        )
+    if model.dtype != backend.dtype_of(cfg.dtype):
+        raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
+    optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer.load_state_dict(optimizer_state)
+    return model, optimizer, meta["step"], meta["best_val_loss"]
 
 
-USAGE_ERRORS = (ConfigError, data.DataError, backend.BackendError)
-
-
-def main(argv=None):
-    cfg = parse_args(argv)
+# A non-finite loss or gradient is caught and reported with its step and layer;
+# NumPy's overflow warnings would only say the same thing earlier and less clearly.
+@numpy.errstate(over="ignore", invalid="ignore")
+def train(cfg):
+    """Run training as configured; returns the best model (reloaded from its checkpoint)."""
+    validate(cfg)
+    device = backend.resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
     try:
-        train(cfg)
-    except USAGE_ERRORS as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    except checkpoint.CheckpointError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; the best checkpoint so far is in " + str(Path(cfg.out_dir) / CHECKPOINT_NAME))
-        return 130
-    return 0
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
+
+    text, corpus_name = load_corpus(cfg)
+    resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
+    # A resumed run keeps its vocabulary: the token ids must mean what they meant.
+    tokenizer = resumed[1] if resumed else CharTokenizer.from_text(text)
+    train_tokens, val_tokens = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size)
+    model, optimizer, start_step, best_val = build_or_resume(cfg, tokenizer, device, resumed)
+
+    eval_rng = stream_rng(cfg.seed, EVAL_STREAM, 0)
+    # The same evaluation batches every time, so successive evaluations are comparable.
+    eval_batches = {
+        name: [data.get_batch(tokens, cfg.batch_size, cfg.block_size, eval_rng) for _ in range(cfg.eval_iters)]
+        for name, tokens in (("train", train_tokens), ("val", val_tokens))
+    }
+    best_path, last_path = out_dir / BEST_CHECKPOINT, out_dir / LAST_CHECKPOINT
+    print(
+        f"corpus: {corpus_name}, {len(text):,} characters, {len(train_tokens):,} train and "
+        f"{len(val_tokens):,} val tokens, vocabulary {tokenizer.vocab_size}\n"
+        f"model: {model.num_params():,} parameters on {device} ({cfg.dtype})"
+        + (f"; resuming at step {start_step}" if start_step else "")
+    )
+
+    def save(path, step, **extra):
+        checkpoint.save(
+            path, model, tokenizer, optimizer,
+            step=step, best_val_loss=best_val, train_config=asdict(cfg), **extra,
+        )
+
+    stop_requested = False
+
+    def request_stop(signum, frame):
+        nonlocal stop_requested
+        stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    progress = Progress(cfg, start_step, out_dir)
+    plotted = True
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    step_seconds = []
+    try:
+        for step in range(start_step, cfg.max_iters + 1):
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                losses = {name: estimate_loss(model, batches) for name, batches in eval_batches.items()}
+                progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+                sample = sample_text(model, tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
+                progress.print(
+                    f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}\n"
+                    f"  sample: {sample!r}"
+                )
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    save(best_path, step, val_loss=best_val)
+                plotted = plot_losses(progress.log_path, out_dir / PLOT_FILE)
+            if step % cfg.save_interval == 0 and step > start_step or step == cfg.max_iters:
+                save(last_path, step)
+            if step == cfg.max_iters:
+                break
+            if stop_requested:
+                save(last_path, step)
+                progress.print(f"stopped at step {step}; saved {last_path}; continue with --resume")
+                return None
+
+            started = time.perf_counter()
+            lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+            batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
+            model.rng = backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step), device)
+            grads = None
+            for _ in range(cfg.grad_accum):
+                x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, batch_rng)
+                _, loss = model(x, y)
+                micro = model.backward()
+                if grads is None:
+                    grads = micro
+                else:
+                    for name, g in micro.items():
+                        grads[name] += g
+            if cfg.grad_accum > 1:
+                for g in grads.values():
+                    g *= 1.0 / cfg.grad_accum
+            grad_norm = float(clip_grad_norm(grads, cfg.grad_clip))
+            loss = float(loss)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingError(
+                    f"step {step}: {describe_nonfinite(loss, grads)}; nothing from this step was saved, "
+                    f"the last good checkpoints in {out_dir} are kept. Try a lower --lr or a --grad-clip"
+                )
+            optimizer.step(grads, lr=lr)
+            step_seconds.append(time.perf_counter() - started)
+
+            show = (step + 1) % cfg.log_interval == 0 or step == start_step
+            seconds = sum(step_seconds) / len(step_seconds)
+            progress.step(
+                {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                 "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds},
+                show,
+            )
+            if show:
+                step_seconds = []
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous_handler)
+
+    best_model, _, meta, _ = checkpoint.load(best_path, device=device)
+    print(
+        f"\nfinal: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
+        f"best val loss {meta['val_loss']:.4f} at step {meta['step']}"
+    )
+    print("sample from the best checkpoint:\n" + sample_text(best_model, tokenizer, cfg.sample_tokens, cfg.seed))
+    print(f"\ncheckpoint: {best_path} (resume state: {last_path})")
+    print(f"log: {progress.log_path}" + (f", loss curve: {out_dir / PLOT_FILE}" if plotted else
+          " (install matplotlib for a loss-curve picture: pip install -e '.[plots]')"))
+    print(f"sample from it: python generate.py --ckpt {best_path}")
+    return best_model

@@ -1,0 +1,138 @@
+"""The command line of train.py: flags, presets, config files, and one-line errors.
+
+Where a value comes from, weakest first: the defaults (the `baby` preset), then
+--preset, then --config FILE, then the flags given on the command line. With
+--resume, the saved run's options replace the defaults and preset, so only the
+flags given explicitly change (for example --max-iters to train longer).
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from minillm import backend, checkpoint, data
+from minillm.model import ConfigError
+from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, TrainingError, train
+
+HELP = {
+    "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",
+    "dataset": "a named corpus downloaded once into the cache folder: shakespeare",
+    "out_dir": "folder for checkpoints, token files, log and loss curve",
+    "resume": "continue the run saved in OUT_DIR/last.npz",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads (must divide --n-embd)",
+    "n_embd": "embedding width",
+    "block_size": "context length in tokens",
+    "dropout": "dropout probability on attention weights and residual branches",
+    "bias": "biases in linear layers and LayerNorms (--no-bias drops them)",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches whose gradients are averaged into one optimizer step",
+    "max_iters": "optimizer steps in all",
+    "lr": "peak learning rate",
+    "min_lr": "learning-rate floor at the end of the cosine decay",
+    "warmup_iters": "steps of linear warmup from 0 to --lr",
+    "lr_decay_iters": "step at which the cosine decay reaches --min-lr",
+    "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this value (0: no clipping)",
+    "eval_interval": "steps between evaluations (losses, sample, best checkpoint)",
+    "eval_iters": "batches per split in each evaluation",
+    "save_interval": "steps between saves of the resume state",
+    "log_interval": "steps between progress lines",
+    "sample_tokens": "tokens in the final sample",
+    "seed": "random seed (initialisation, batches, dropout, samples)",
+    "device": "cpu, cuda, or auto (CUDA when CuPy and a GPU are present)",
+    "dtype": "float32 or float64",
+}
+
+
+CHOICES = {"device": backend.DEVICES, "dtype": ("float32", "float64"), "dataset": tuple(data.DATASETS)}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a GPT on a text corpus. With no options: the `baby` model on the built-in corpus.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (default: baby)")
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of options (keys as the flags, without --)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    defaults = TrainConfig()
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        text = HELP[field.name] + (f" (default: {default})" if default not in ("", False) else "")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, type=field.type, choices=CHOICES.get(field.name), help=text)
+    return parser
+
+
+def read_config_file(path):
+    """Options from a .toml or .json file, keyed like the flags (dashes or underscores)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"--config {path}: {err.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11+
+
+            values = tomllib.loads(raw.decode("utf-8"))
+        else:
+            values = json.loads(raw)
+    except ImportError:
+        raise ConfigError(f"--config {path}: TOML needs Python 3.11 or newer; use a .json file") from None
+    except ValueError as err:
+        raise ConfigError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a table of options")
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    options = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        if not isinstance(value, known[name]) and not (known[name] is float and isinstance(value, int)):
+            raise ConfigError(f"--config {path}: {key} should be a {known[name].__name__}, got {value!r}")
+        options[name] = known[name](value)
+    return options
+
+
+def resolve_config(args):
+    """The TrainConfig from defaults, preset, config file and flags (see the module docstring)."""
+    explicit = {k: v for k, v in vars(args).items() if k not in ("preset", "config", "debug")}
+    values = asdict(TrainConfig())
+    if explicit.get("resume"):
+        out_dir = Path(explicit.get("out_dir", values["out_dir"]))
+        values.update(checkpoint.read_meta(out_dir / LAST_CHECKPOINT)["train_config"])
+    if "preset" in args:
+        values.update(PRESETS[args.preset])
+    if "config" in args:
+        values.update(read_config_file(args.config))
+    values.update(explicit)
+    return TrainConfig(**values)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        train(resolve_config(args))
+    except (ConfigError, backend.BackendError) as err:
+        if debug:
+            raise
+        parser.exit(2, f"train.py: error: {err}\n")
+    except (data.DataError, checkpoint.CheckpointError, TrainingError, OSError) as err:
+        if debug:
+            raise
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,223 @@
+"""Pretraining end to end: corpus, token files, checkpoints, exact resume (also after kill -9), log and plot."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy
+import pytest
+
+from minillm import checkpoint, data
+from minillm.sampling import generate
+from minillm.training import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = dict(
+    n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=4, dropout=0.1,
+    max_iters=12, warmup_iters=2, lr_decay_iters=12, eval_interval=6, eval_iters=2,
+    save_interval=3, log_interval=4, sample_tokens=8, device="cpu",
+)
+
+
+def tiny_flags(**overrides):
+    options = {**TINY, **overrides}
+    flags = []
+    for name, value in options.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file: training on it takes well under a second."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(data.builtin_corpus()[:20_000])
+    return path
+
+
+def saved_arrays(path):
+    arrays, meta = checkpoint.read_arrays(path)
+    return arrays, meta
+
+
+def test_builtin_corpus_is_deterministic_and_sorted_by_topic():
+    from pydoc_data.topics import topics
+
+    text = data.builtin_corpus()
+    assert text == data.builtin_corpus()
+    first, second = sorted(topics)[:2]
+    assert text.startswith(topics[first] + "\n\n" + topics[second])
+    assert len(text) > 400_000
+
+
+def test_windows_stay_inside_their_split(tmp_path):
+    from minillm.tokenizers.char import CharTokenizer
+
+    text = "".join(chr(ord("a") + i % 26) for i in range(300))
+    tokenizer = CharTokenizer.from_text(text)
+    train_tokens, val_tokens = data.prepare_splits(text, tokenizer, tmp_path, block_size=8)
+    assert len(train_tokens) == 270 and len(val_tokens) == 30
+    assert numpy.array_equal(numpy.concatenate([train_tokens, val_tokens]), tokenizer.encode(text))
+    rng = numpy.random.default_rng(0)
+    for tokens in (train_tokens, val_tokens):
+        x, y = data.get_batch(tokens, 200, 8, rng)
+        # Every window is a contiguous slice of its own split, and y is x shifted by one.
+        haystack = tokens.tobytes()
+        for row_x, row_y in zip(x, y):
+            assert numpy.array_equal(row_x[1:], row_y[:-1])
+            window = numpy.append(row_x, row_y[-1]).astype(tokens.dtype).tobytes()
+            assert window in haystack
+
+
+def test_split_too_small_for_a_window_is_a_clear_error(tmp_path):
+    from minillm.tokenizers.char import CharTokenizer
+
+    text = "abcdefghij" * 5  # val split: 5 tokens
+    with pytest.raises(data.DataError, match="val split has 5 tokens"):
+        data.prepare_splits(text, CharTokenizer.from_text(text), tmp_path, block_size=8)
+
+
+def test_train_saves_checkpoints_log_and_plot_and_samples(tmp_path, corpus):
+    out = tmp_path / "out"
+    model = train(TrainConfig(data=str(corpus), out_dir=str(out), **TINY))
+    for name in ("ckpt.npz", "last.npz", "train.bin", "val.bin", "log.jsonl"):
+        assert (out / name).is_file(), name
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in entries if "val_loss" in e]
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+    assert all("grad_norm" in e for e in entries if "loss" in e)
+    pytest.importorskip("matplotlib")
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    _, meta = saved_arrays(out / "ckpt.npz")
+    assert meta["val_loss"] == min(e["val_loss"] for e in evals)
+    reloaded, tokenizer, _, _ = checkpoint.load(out / "ckpt.npz")
+    ids = generate(reloaded, numpy.array([[0]]), 5, temperature=0)
+    assert ids.shape == (1, 6)
+    assert len(tokenizer.decode(ids[0])) == 6
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(TrainConfig(data=str(corpus), out_dir=str(straight), **TINY))
+    train(TrainConfig(data=str(corpus), out_dir=str(split), **{**TINY, "max_iters": 7}))
+    train(TrainConfig(data=str(corpus), out_dir=str(split), resume=True, **TINY))
+    expected, meta = saved_arrays(straight / "last.npz")
+    got, resumed_meta = saved_arrays(split / "last.npz")
+    assert meta["step"] == resumed_meta["step"] == 12
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert numpy.array_equal(expected[name], got[name]), name
+
+
+def run_train(flags, **kwargs):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *flags], capture_output=True, text=True, cwd=ROOT, **kwargs
+    )
+
+
+def count_step_lines(log):
+    """Progress lines (one per log interval, and the first step of each run) in a run's log."""
+    if not log.exists():
+        return 0
+    return sum('"loss"' in line for line in log.read_text().splitlines())
+
+
+def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_parameters(tmp_path, corpus):
+    # About 3 s of training, saved every 2 steps: each kill lands mid-run, often mid-save.
+    flags = tiny_flags(max_iters=1000, lr_decay_iters=1000, eval_interval=250, save_interval=2)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = run_train(["--data", str(corpus), "--out-dir", str(straight), *flags])
+    assert done.returncode == 0, done.stderr
+
+    chooser = random.Random(0)
+    log = killed / "log.jsonl"
+    for _ in range(4):
+        resume = ["--resume"] if (killed / "last.npz").exists() else []
+        steps_before = count_step_lines(log)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out-dir", str(killed), *flags, *resume],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+        )
+        # Kill at a random moment after training has begun (start-up time varies with the machine's load).
+        while count_step_lines(log) <= steps_before:
+            assert proc.poll() is None, "the run ended before it was killed"
+            time.sleep(0.02)
+        time.sleep(chooser.uniform(0.0, 0.6))
+        assert proc.poll() is None, "the run finished before it could be killed: make it longer"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if (killed / "last.npz").exists():
+            checkpoint.read_arrays(killed / "last.npz")  # whatever the moment, the last save is whole
+    finished = run_train(["--data", str(corpus), "--out-dir", str(killed), *flags, "--resume"])
+    assert finished.returncode == 0, finished.stderr
+
+    expected, _ = saved_arrays(straight / "last.npz")
+    got, meta = saved_arrays(killed / "last.npz")
+    assert meta["step"] == 1000
+    for name in expected:
+        assert numpy.array_equal(expected[name], got[name]), name
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path, corpus):
+    out = tmp_path / "out"
+    flags = tiny_flags(max_iters=100_000, lr_decay_iters=100_000, eval_interval=100_000, save_interval=100_000)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--data", str(corpus), "--out-dir", str(out), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert "continue with --resume" in stdout
+    assert "Traceback" not in stderr
+    _, meta = saved_arrays(out / "last.npz")
+    assert meta["step"] > 0
+
+
+def test_nan_loss_stops_with_the_step_and_the_first_bad_gradient(tmp_path, corpus):
+    result = run_train(["--data", str(corpus), "--out-dir", str(tmp_path), *tiny_flags(lr=1e30, grad_clip=0)])
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("train.py: error: step ")
+    assert "the loss is nan" in line or "first to be non-finite" in line
+    checkpoint.read_arrays(tmp_path / "ckpt.npz")  # the step-0 best checkpoint is still loadable
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n-embd", "10", "--n-head", "3"], "divisible"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--preset", "huge"], "invalid choice"),
+        (["--beta2", "1.0"], "--beta2 must be in [0, 1)"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, corpus, flags, message):
+    result = run_train(["--data", str(corpus), "--out-dir", str(tmp_path), *flags])
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_file_and_flags_layer_over_the_preset(tmp_path):
+    from minillm.train_cli import build_parser, resolve_config
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"n-layer": 3, "lr": 0.002}))
+    args = build_parser().parse_args(["--preset", "small", "--config", str(config), "--lr", "0.005"])
+    cfg = resolve_config(args)
+    assert (cfg.n_embd, cfg.n_layer, cfg.lr) == (384, 3, 0.005)
