@@ -2,7 +2,7 @@
 
 import sys
 
-from minillm.sampling import main
+from minillm.generate_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,10 @@ The backward pass walks the same steps in reverse. A residual x + f(x) sends
 its incoming gradient both straight through and into f, so the two are added.
 The tied matrix wte is used twice, so its gradient is the sum of both uses.
 
+For sampling, `decode` runs the same blocks on new positions only, with each
+attention layer's keys and values of the earlier positions kept in a KV cache
+(see layers/attention.py), and returns the logits of the last position.
+
 Parameters live in one place, the dict `model.params`, under GPT-2's names
 (`h.0.attn.c_attn.weight`, ...), with every weight stored input-by-output.
 """
@@ -95,13 +99,16 @@ def init_params(config, rng, dtype):
     return params
 
 
-def block_forward(x, params, prefix, n_head, dropout_p, rng):
-    """One transformer block. Parameters are read as params[prefix + name]."""
+def block_forward(x, params, prefix, n_head, dropout_p, rng, kv_cache=None):
+    """One transformer block. Parameters are read as params[prefix + name].
+
+    `kv_cache` (an attention.KVCache) makes x the positions after the cached ones.
+    """
     p = lambda name: params.get(prefix + name)  # None for biases the config leaves out
     h, ln_1 = layernorm.forward(x, p("ln_1.weight"), p("ln_1.bias"))
     a, attn = attention.forward(
         h, p("attn.c_attn.weight"), p("attn.c_attn.bias"),
-        p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng,
+        p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng, kv_cache,
     )
     a, drop_attn = dropout.forward(a, dropout_p, rng)
     x = x + a
@@ -145,6 +152,10 @@ class GPT:
         logits, loss = model(idx, targets)   # idx, targets: integer (B, T); loss None without targets
         grads = model.backward()             # dict with the keys and shapes of model.params
         model.train() / model.eval()         # dropout on / off
+
+        kv_cache = model.new_kv_cache(B)     # sampling: run the prompt once,
+        logits = model.decode(prompt, kv_cache)          # then one token at a time
+        logits = model.decode(next_ids[:, None], kv_cache)
     """
 
     def __init__(self, config, seed=0, dtype="float32", device="cpu"):
@@ -202,6 +213,45 @@ class GPT:
             loss, loss_cache = cross_entropy.forward(logits, targets)
         self._cache = (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
         return logits, loss
+
+    def new_kv_cache(self, batch_size):
+        """Empty key/value buffers for decode(): per layer, k and v of shape (B, n_head, block_size, hs)."""
+        cfg = self.config
+        return [
+            attention.KVCache(batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, self.dtype, self.xp)
+            for _ in range(cfg.n_layer)
+        ]
+
+    def decode(self, idx, kv_cache):
+        """Logits (B, vocab_size) of the last of the new tokens idx (B, T), given the cached past.
+
+        The kv_cache (from new_kv_cache) holds P positions: 0 for the prompt's
+        "prefill", then 1 more after each call. idx are the tokens at positions
+        P..P+T-1, so they get the position embeddings wpe[P : P + T]:
+
+            x      = wte[idx] + wpe[P : P + T]
+            x      = the blocks of forward(), each attention layer with its own cache
+            logits = layernorm_f(x[:, -1]) @ wte^T
+
+        Only the last position's logits are computed: they are all sampling needs,
+        and the LM head is the largest matrix product of a decoding step. There is
+        no dropout and nothing is kept for backward(). Token ids are not checked
+        here (that costs a device sync each step): check a prompt once with
+        embedding.check_token_ids; sampled ids are in range by construction.
+        """
+        cfg, p = self.config, self.params
+        idx = self._token_array(idx)
+        start, T = kv_cache[0].length, idx.shape[1]
+        if start + T > cfg.block_size:
+            raise embedding.TokenIdError(
+                f"positions up to {start + T} do not fit the model's block_size {cfg.block_size}"
+            )
+        x = p["wte.weight"][idx] + p["wpe.weight"][start : start + T]
+        for i, layer_cache in enumerate(kv_cache):
+            x, _ = block_forward(x, p, f"h.{i}.", cfg.n_head, 0.0, None, layer_cache)
+        x, _ = layernorm.forward(x[:, -1], p["ln_f.weight"], p.get("ln_f.bias"))
+        logits, _ = linear.forward(x, p["wte.weight"].T)
+        return logits
 
     def backward(self, dlogits=None):
         """Gradients of the last forward's loss (or of sum(logits * dlogits)) w.r.t. every parameter."""

@@ -1,88 +1,161 @@
 """Sampling text from a model, one token at a time.
 
-For each new token: run the model on the last block_size tokens, take the logits
-of the last position, divide them by the temperature, keep only the top_k largest
-(optional), turn them into probabilities with softmax, and draw one token.
+For each new token, from the logits z of the last position:
+    z = (z - max z) / temperature      temperature 0: take argmax z instead (greedy)
+    top_k: keep the k largest z        (-inf for the rest)
+    top_p: keep the smallest set of most likely tokens whose probability reaches p
+    next  = a draw from softmax(z)     as argmax(z + g), g ~ Gumbel(0, 1) per token
+
+With the KV cache (the default) the prompt is run through the model once (the
+"prefill"), and every later step feeds only the token just drawn: each layer
+keeps the keys and values of the past positions (see model.decode). Without it,
+every step runs the full forward pass over the whole context again.
 """
 
-import argparse
-import sys
-from pathlib import Path
+import math
 
-from minillm import backend, checkpoint
-from minillm.layers import softmax
+from minillm import backend
+from minillm.layers import embedding, softmax
 from minillm.tokenizers.char import UnknownCharactersError
 
 
-def sample_next(logits, temperature, top_k, rng):
+def option_problem(temperature, top_k, top_p):
+    """(option name, what is wrong) for the first sampling option out of range, or None."""
+    if not temperature >= 0:  # written so that NaN fails too
+        return "temperature", f"must be 0 or more, got {temperature}"
+    if top_k is not None and top_k < 1:
+        return "top_k", f"must be at least 1, got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        return "top_p", f"must be in (0, 1], got {top_p}"
+    return None
+
+
+def keep_top_k(logits, k):
+    """logits (B, V) with all but the k largest of each row set to -inf.
+
+    Exactly k survive, even when several logits tie at the k-th largest value:
+    of the tied ones, those with the lowest token ids are kept, as many as fit.
+    """
+    xp = backend.get_array_module(logits)
+    V = logits.shape[-1]
+    if k >= V:
+        return logits
+    kth_largest = xp.partition(logits, V - k, axis=-1)[:, V - k, None]
+    above = logits > kth_largest
+    tied = logits == kth_largest
+    room = k - above.sum(axis=-1, keepdims=True)  # places left for the tied ones
+    keep = above | (tied & (tied.cumsum(axis=-1) <= room))
+    return xp.where(keep, logits, -math.inf)
+
+
+def keep_top_p(logits, p):
+    """logits (B, V) with -inf outside the smallest set of most likely tokens whose probability reaches p.
+
+    Tokens are ranked by probability (ties: lower token id first) and kept while
+    the probability of the tokens ranked above them is still below p, so the
+    most likely token always stays.
+    """
+    xp = backend.get_array_module(logits)
+    probs, _ = softmax.forward(logits)
+    order = xp.argsort(-probs, axis=-1, kind="stable")
+    ranked = xp.take_along_axis(probs, order, axis=-1)
+    keep_ranked = ranked.cumsum(axis=-1) - ranked < p
+    keep = xp.empty(keep_ranked.shape, dtype=bool)
+    keep[xp.arange(keep.shape[0])[:, None], order] = keep_ranked  # back to token order
+    return xp.where(keep, logits, -math.inf)
+
+
+def sample_next(logits, temperature, top_k, top_p, rng):
     """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
     xp = backend.get_array_module(logits)
     if temperature == 0:
         return logits.argmax(axis=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth_largest = xp.sort(logits, axis=-1)[:, -top_k][:, None]
-        logits = xp.where(logits < kth_largest, -xp.inf, logits)
-    probs, _ = softmax.forward(logits)
-    # Inverse-CDF sampling: the first index whose cumulative probability exceeds u ~ U[0, 1).
-    cdf = probs.cumsum(axis=-1)
-    u = rng.uniform((logits.shape[0], 1), logits.dtype)
-    return xp.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1)
+    # Shifting the largest logit to 0 first: a tiny temperature then sends the others
+    # toward -inf (greedy in the limit) instead of overflowing the largest to +inf.
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / float(temperature)
+    if top_k is not None:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None and top_p < 1:
+        logits = keep_top_p(logits, top_p)
+    # Gumbel-max: argmax(z + g) with independent g = -log(-log(u)), u ~ U(0, 1), is a
+    # draw from softmax(z), and tokens at -inf never win. u = 0 is lifted to the
+    # smallest positive float so that log stays finite (a change of probability 2^-24 at most).
+    u = xp.maximum(rng.uniform(logits.shape, logits.dtype), xp.finfo(logits.dtype).tiny)
+    return (logits - xp.log(-xp.log(u))).argmax(axis=-1)
 
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=0):
-    """idx (B, T) integer prompt -> (B, T + max_new_tokens) on the model's device."""
-    xp = model.xp
+def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0, use_cache=True):
+    """Yield the next token ids, an integer array (B,) on the model's device, max_new_tokens times.
+
+    idx: integer prompt (B, T) with T >= 1, on the host or the device; the model sees its
+    last block_size tokens. Stopping the iteration early ends the generation. The same
+    seed gives the same tokens; use_cache=False runs the full forward pass every step.
+    """
+    problem = option_problem(temperature, top_k, top_p)
+    if problem:
+        raise ValueError(" ".join(problem))
+    xp, block_size = model.xp, model.config.block_size
+    window = xp.asarray(idx)[..., -block_size:]
+    embedding.check_token_ids(window, model.config.vocab_size, block_size)
+    if window.shape[1] == 0:
+        raise ValueError("the prompt must hold at least one token")
+    window = window.astype(xp.int64)
     rng = backend.RNG(seed, model.device)
+    kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
     was_training = model.training
     model.eval()
-    idx = xp.asarray(idx)
     try:
-        for _ in range(max_new_tokens):
-            logits, _ = model(idx[:, -model.config.block_size :])
-            next_ids = sample_next(logits[:, -1, :], temperature, top_k, rng)
-            idx = xp.concatenate([idx, next_ids[:, None].astype(idx.dtype)], axis=1)
+        logits = last_logits(model, window, kv_cache)
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, top_p, rng)
+            yield next_ids
+            if step + 1 == max_new_tokens:
+                break
+            slides = window.shape[1] == block_size  # the new token pushes the oldest one out
+            window = xp.concatenate([window[:, 1:] if slides else window, next_ids[:, None]], axis=1)
+            if kv_cache is None:
+                logits = last_logits(model, window, None)
+            elif not slides:
+                logits = model.decode(next_ids[:, None], kv_cache)
+            else:
+                # The window slid by one token, so every token now sits at a new position.
+                # Position embeddings are added at the input and flow into every key and
+                # value, so the whole cache is stale: rebuild it by a prefill of the new
+                # window. That costs a forward pass over block_size tokens (the same as a
+                # step without the cache, less the LM head for all but the last position),
+                # and once the context is full every step pays it. Cropping to a shorter
+                # window would rebuild less often, but the model would then see less
+                # context than it can, and the samples would differ from the full forward's.
+                for layer_cache in kv_cache:
+                    layer_cache.clear()
+                logits = model.decode(window, kv_cache)
     finally:
         model.train(was_training)
-    return idx
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="generate.py", description="Sample text from a trained checkpoint.")
-    parser.add_argument("--ckpt", default=None, help="checkpoint file (default: OUT_DIR/ckpt.npz)")
-    parser.add_argument("--out-dir", default="out", help="folder of the checkpoint written by train.py (default: out)")
-    parser.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples, generated as one batch (default: 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to add to the prompt (default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more random (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    parser.add_argument("--seed", type=int, default=1337, help="same seed, same text (default: 1337)")
-    parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
-    args = parser.parse_args(argv)
-    for name in ("num_samples", "max_new_tokens", "top_k"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be 0 or more, got {args.temperature}")
-    return args
+def last_logits(model, window, kv_cache):
+    """Logits (B, V) of the window's last position: a prefill into kv_cache, or a full forward without one."""
+    if kv_cache is not None:
+        return model.decode(window, kv_cache)
+    logits, _ = model(window)
+    return logits[:, -1, :]
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=0, use_cache=True):
+    """idx (B, T) integer prompt -> (B, T + max_new_tokens) on the model's device; options as stream()."""
+    xp = model.xp
+    idx = xp.asarray(idx)
+    steps = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_cache))
+    if not steps:
+        return idx
+    return xp.concatenate([idx.astype(xp.int64), xp.stack(steps, axis=1)], axis=1)
+
+
+def encode_prompt(tokenizer, text):
+    """Token ids of the prompt; an empty one starts from a newline token, or token 0 without one."""
+    if text:
+        return tokenizer.encode(text)
     try:
-        model, tokenizer, _, _ = checkpoint.load(ckpt, device=backend.resolve_device(args.device))
-        prompt = tokenizer.encode(args.prompt)
-    except (checkpoint.CheckpointError, backend.BackendError, UnknownCharactersError) as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 1
-    if not prompt:
-        prompt = [0]
-    idx = model.xp.asarray([prompt] * args.num_samples)
-    out = backend.to_host(generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.seed))
-    for i, row in enumerate(out):
-        if i:
-            print("\n" + "-" * 40)
-        print(tokenizer.decode(row))
-    return 0
+        return tokenizer.encode("\n")
+    except UnknownCharactersError:
+        return [0]

@@ -29,7 +29,7 @@ import numpy
 from minillm import backend, checkpoint, data
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
-from minillm.sampling import generate
+from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer
 
 BEST_CHECKPOINT = "ckpt.npz"
@@ -215,7 +215,7 @@ def estimate_loss(model, batches):
 
 def sample_text(model, tokenizer, n_tokens, seed):
     """A sample that starts from a newline (or token 0 when the vocabulary has none)."""
-    start = tokenizer.encode("\n") if "\n" in tokenizer.ids else [0]
+    start = encode_prompt(tokenizer, "")
     ids = generate(model, numpy.array([start]), n_tokens, temperature=0.8, seed=seed)
     return tokenizer.decode(backend.to_host(ids)[0, len(start):])
 

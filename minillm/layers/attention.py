@@ -21,6 +21,17 @@ backward: dy, dw_proj, db_proj = linear.backward(dout)
           dS  = softmax.backward(dP)                         (0 wherever P is 0: the mask)
           dq  = dS @ k / sqrt(hs) dk = dS^T @ q / sqrt(hs)   (S = q k^T / sqrt(hs))
           dx, dw_attn, db_attn = linear.backward(concat(dq, dk, dv) -> (B, T, 3C))
+
+decoding with a key/value cache (inference only: no backward):
+          A position's k and v depend only on it and on earlier positions, so they
+          never change once computed. With `kv_cache` holding them for the first
+          P positions, x holds only the T new positions P..P+T-1:
+          K, V = cached k, v followed by the new k, v         (B, n_head, P + T, hs)
+          S    = q @ K^T / sqrt(hs) + M                        (B, n_head, T, P + T)
+                 M[t, u] = -inf for u > P + t: the query at position P + t sees
+                 keys 0..P + t, the same keys as in the full forward
+          and the rest as above. Each new token then costs attention over P + 1
+          keys and the matrix products of one row, not a pass over all P + 1 positions.
 """
 
 import math
@@ -41,13 +52,51 @@ def merge_heads(a):
     return a.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs)
 
 
-def causal_mask(T, dtype, xp):
-    """(T, T) additive mask: 0 on and below the diagonal, -inf above it."""
-    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+def causal_mask(T, dtype, xp, past=0):
+    """(T, past + T) additive mask for T queries that follow `past` earlier positions.
+
+    Query t (at position past + t) sees keys 0..past + t: 0 there, -inf after.
+    With past = 0 it is the square mask: 0 on and below the diagonal, -inf above.
+    """
+    return xp.triu(xp.full((T, past + T), -xp.inf, dtype=dtype), k=past + 1)
 
 
-def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None):
-    """`rng` (a backend.RNG) draws the attention-dropout mask; None switches it off."""
+class KVCache:
+    """One attention layer's keys and values for the positions decoded so far.
+
+    k, v: (B, n_head, capacity, hs), allocated once; positions 0..length-1 hold
+    data. Writing each step's new rows into place costs the size of the new rows;
+    concatenating onto the past instead would copy the whole past every step.
+    """
+
+    def __init__(self, batch_size, n_head, capacity, head_size, dtype, xp):
+        shape = (batch_size, n_head, capacity, head_size)
+        self.k = xp.empty(shape, dtype=dtype)
+        self.v = xp.empty(shape, dtype=dtype)
+        self.length = 0
+
+    def append(self, k, v):
+        """Store the new positions' k, v (B, n_head, T, hs); return the keys and values of all positions."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"{end} positions do not fit a key/value cache of {self.k.shape[2]}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def clear(self):
+        """Forget every position; the buffers are reused."""
+        self.length = 0
+
+
+def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None):
+    """`rng` (a backend.RNG) draws the attention-dropout mask; None switches it off.
+
+    With a `kv_cache` (a KVCache), x holds the positions after the cached ones;
+    their keys and values are appended to it, and the returned cache is None:
+    this path is for inference and keeps nothing for a backward pass.
+    """
     xp = get_array_module(x)
     C = x.shape[-1]
     if C % n_head:
@@ -56,12 +105,18 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None):
 
     qkv, qkv_cache = linear.forward(x, w_attn, b_attn)
     q, k, v = (split_heads(a, n_head) for a in xp.split(qkv, 3, axis=-1))
+    if kv_cache is not None:
+        k, v = kv_cache.append(k, v)
+    T, past = x.shape[1], k.shape[2] - x.shape[1]
     S = (q @ k.transpose(0, 1, 3, 2)) * scale
-    S += causal_mask(x.shape[1], x.dtype, xp)
+    if T > 1:  # a single query is the newest position and sees every key: nothing to mask
+        S += causal_mask(T, x.dtype, xp, past)
     P, softmax_cache = softmax.forward(S)
     Pd, dropout_cache = dropout.forward(P, dropout_p, rng)
     y = merge_heads(Pd @ v)
     out, proj_cache = linear.forward(y, w_proj, b_proj)
+    if kv_cache is not None:
+        return out, None
     cache = (qkv_cache, q, k, v, Pd, softmax_cache, dropout_cache, proj_cache, scale)
     return out, cache
 

@@ -1,0 +1,162 @@
+"""The command line of generate.py: prompt, sampling options, streaming output, one-line errors."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from minillm import backend, checkpoint
+from minillm.sampling import encode_prompt, option_problem, stream
+from minillm.tokenizers.char import UnknownCharactersError
+
+SEPARATOR = "-" * 40
+
+
+class SampleText:
+    """One sample's generated text as it grows, until a stop text or the end-of-text token.
+
+    stops: texts that end the sample right after them; eot_id: the end-of-text token id, or None.
+    """
+
+    def __init__(self, tokenizer, stops, eot_id):
+        self.tokenizer, self.stops, self.eot_id = tokenizer, stops, eot_id
+        self.text = ""
+        self.done = False
+
+    def add(self, token):
+        """Take the next token id; return the text it adds (nothing once the sample is done)."""
+        if self.done:
+            return ""
+        if token == self.eot_id:
+            self.done = True
+            return ""
+        # Each token decodes on its own: right for tokenizers whose tokens are whole strings.
+        start = len(self.text)
+        self.text += self.tokenizer.decode([token])
+        # Search only where a stop text could end inside the new piece.
+        ends = [
+            found + len(stop)
+            for stop in self.stops
+            if (found := self.text.find(stop, max(0, start - len(stop) + 1))) >= 0
+        ]
+        if ends:
+            self.text = self.text[: min(ends)]
+            self.done = True
+        return self.text[start:]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="generate.py",
+        description="Sample text from a trained checkpoint. The text streams to standard output as it is "
+        "produced. Several samples are drawn as one batch: the first streams live, the others follow when "
+        "the batch is done, each after a line of dashes.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/ckpt.npz)")
+    where.add_argument("--out-dir", default="out", metavar="DIR",
+                       help="folder of the checkpoint written by train.py (default: out)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", metavar="TEXT",
+                        help="text to continue; - reads standard input (default: empty, which starts from a "
+                        "newline token, or token 0 when the vocabulary has no newline)")
+    prompt.add_argument("--prompt-file", default=None, metavar="PATH",
+                        help="read the prompt from this UTF-8 file; - is standard input")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N",
+                        help="samples, generated as one batch (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
+                        help="tokens to add to the prompt (default: 500)")
+    parser.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                        help="0 is greedy; higher is more random (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K",
+                        help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="sample only among the fewest most likely tokens whose probability reaches p, 0 < p <= 1")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="end a sample right after it produces TEXT (may be given more than once; "
+                        "the end-of-text token, for tokenizers that have one, always ends a sample)")
+    parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
+    parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "max_new_tokens"):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    problem = option_problem(args.temperature, args.top_k, args.top_p)
+    if problem:
+        name, what = problem
+        parser.error(f"--{name.replace('_', '-')} {what}")
+    if "" in args.stop:
+        parser.error("--stop must not be empty")
+    flag = "--prompt" if args.prompt_file is None else "--prompt-file"
+    try:
+        args.prompt = read_prompt(args)
+    except OSError as err:
+        parser.error(f"{flag} {args.prompt_file}: {err.strerror or err}")
+    except UnicodeDecodeError as err:
+        parser.error(f"{flag}: the prompt is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})")
+    return args
+
+
+def read_prompt(args):
+    """The prompt text from --prompt, --prompt-file, or standard input (either one given as -)."""
+    if args.prompt_file is None and args.prompt != "-":
+        return args.prompt
+    if args.prompt_file in (None, "-"):
+        return sys.stdin.buffer.read().decode("utf-8")
+    return Path(args.prompt_file).read_text(encoding="utf-8")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
+    if not ckpt.is_file():
+        return fail(
+            f"{ckpt}: no such checkpoint file; train one with `python train.py`, or pass --ckpt PATH or --out-dir DIR"
+        )
+    try:
+        model, tokenizer, _, _ = checkpoint.load(ckpt, device=backend.resolve_device(args.device))
+    except (checkpoint.CheckpointError, backend.BackendError) as err:
+        return fail(err)
+    try:
+        prompt_ids = encode_prompt(tokenizer, args.prompt)
+    except UnknownCharactersError as err:
+        return fail(
+            f"cannot encode the prompt: {err}; a character-level model knows only the characters of its "
+            "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text"
+        )
+    try:
+        print_samples(model, tokenizer, prompt_ids, args)
+    except BrokenPipeError:
+        # The reader (e.g. `head`) has gone. Point stdout at /dev/null so that the flush at
+        # exit does not fail a second time, and stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+def print_samples(model, tokenizer, prompt_ids, args):
+    """Stream the first sample to stdout as it is produced; print the others when the batch is done."""
+    eot_id = getattr(tokenizer, "eot_id", None)  # a tokenizer with an end-of-text token gives its id as eot_id
+    samples = [SampleText(tokenizer, args.stop, eot_id) for _ in range(args.num_samples)]
+    print(args.prompt, end="", flush=True)
+    steps = stream(model, [prompt_ids] * args.num_samples, args.max_new_tokens,
+                   args.temperature, args.top_k, args.top_p, args.seed)
+    for next_ids in steps:
+        # The one device-to-host copy of a step: the ids the text is made of.
+        pieces = [sample.add(int(token)) for sample, token in zip(samples, backend.to_host(next_ids))]
+        print(pieces[0], end="", flush=True)
+        if all(sample.done for sample in samples):
+            break
+    print()
+    for sample in samples[1:]:
+        print(SEPARATOR)
+        print(args.prompt + sample.text)
+
+
+def fail(message):
+    print(f"generate.py: error: {message}", file=sys.stderr)
+    return 1
