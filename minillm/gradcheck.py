@@ -1,6 +1,12 @@
 """Numerical gradient checking: analytic gradients against central finite differences.
 
-    numeric_i = (f(x + h e_i) - f(x - h e_i)) / (2 h)       error O(h^2), one element at a time
+    numeric_i = (8 (f(x + h e_i) - f(x - h e_i)) - (f(x + 2h e_i) - f(x - 2h e_i))) / (12 h)
+
+the fourth-order central difference, one element at a time (h = 1e-4). Its error
+is O(h^4) where the plain (f(x + h) - f(x - h)) / 2h has O(h^2), so h can stay
+large enough that float64 rounding (about 1e-16 |f| / h) stays small too. On
+small, strongly curved cases (3-channel LayerNorms) the plain form's errors reach
+1e-5, this one's stay near 1e-7; on typical cases they are near 1e-10.
 
 The error measure, per array (one parameter, or one layer input):
 
@@ -24,11 +30,11 @@ from minillm import backend
 from minillm.model import GPT, GPTConfig
 
 TOLERANCE = 1e-6
-STEP = 1e-5
+STEP = 1e-4
 
 
 def numerical_gradient(f, x, h=STEP):
-    """Central-difference gradient of the scalar function f() with respect to the array x.
+    """Fourth-order central-difference gradient of the scalar function f() with respect to the array x.
 
     x is perturbed in place, one element at a time, and restored afterwards.
     """
@@ -36,14 +42,17 @@ def numerical_gradient(f, x, h=STEP):
     grad = xp.zeros(x.shape, dtype=numpy.float64)
     flat = x.reshape(-1)  # a view: writing to it perturbs x
     grad_flat = grad.reshape(-1)
+
+    def f_at(i, value):
+        flat[i] = value
+        return float(f())
+
     for i in range(flat.size):
         original = flat[i].copy()
-        flat[i] = original + h
-        f_plus = float(f())
-        flat[i] = original - h
-        f_minus = float(f())
+        near = f_at(i, original + h) - f_at(i, original - h)
+        far = f_at(i, original + 2 * h) - f_at(i, original - 2 * h)
         flat[i] = original
-        grad_flat[i] = (f_plus - f_minus) / (2 * h)
+        grad_flat[i] = (8 * near - far) / (12 * h)
     return grad
 
 

@@ -189,10 +189,19 @@ class GPT:
 
     def forward(self, idx, targets=None):
         """logits (B, T, vocab_size) and the mean loss (0-d array), or None without targets."""
+        logits, loss, self._cache = self.forward_with_cache(idx, targets, self.rng)
+        return logits, loss
+
+    def forward_with_cache(self, idx, targets=None, rng=None):
+        """forward() that returns what backward needs instead of keeping it: (logits, loss, cache).
+
+        It changes nothing in the model, so several threads may run it at once on
+        different batches, each with its own dropout generator `rng`.
+        """
         cfg, p = self.config, self.params
         idx = self._token_array(idx)
         dropout_p = cfg.dropout if self.training else 0.0
-        rng = self.rng if dropout_p > 0.0 else None
+        rng = rng if dropout_p > 0.0 else None
 
         x, emb_cache = embedding.forward(idx, p["wte.weight"], p["wpe.weight"])
         x, emb_drop = dropout.forward(x, dropout_p, rng)
@@ -211,8 +220,7 @@ class GPT:
                     f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
                 )
             loss, loss_cache = cross_entropy.forward(logits, targets)
-        self._cache = (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
-        return logits, loss
+        return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
 
     def new_kv_cache(self, batch_size):
         """Empty key/value buffers for decode(): per layer, k and v of shape (B, n_head, block_size, hs)."""
@@ -257,7 +265,11 @@ class GPT:
         """Gradients of the last forward's loss (or of sum(logits * dlogits)) w.r.t. every parameter."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        emb_cache, emb_drop, blocks, ln_f, head, loss_cache = self._cache
+        return self.backward_from_cache(self._cache, dlogits)
+
+    def backward_from_cache(self, cache, dlogits=None):
+        """backward() for a cache from forward_with_cache(); like it, safe to run in several threads."""
+        emb_cache, emb_drop, blocks, ln_f, head, loss_cache = cache
         if dlogits is None:
             if loss_cache is None:
                 raise RuntimeError("backward() without dlogits needs a forward() with targets")
