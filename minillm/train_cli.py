@@ -46,6 +46,7 @@ HELP = {
     "seed": "random seed (initialisation, batches, dropout, samples)",
     "device": "cpu, cuda, or auto (CUDA when CuPy and a GPU are present)",
     "dtype": "float32 or float64",
+    "threads": "CPU threads; the batch is split between them (0: one per core; 1 on a GPU)",
 }
 
 
@@ -65,7 +66,7 @@ def build_parser():
     for field in fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        text = HELP[field.name] + (f" (default: {default})" if default not in ("", False) else "")
+        text = HELP[field.name] + ("" if default == "" or default is False else f" (default: {default})")
         if field.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:

@@ -21,12 +21,12 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy
 
-from minillm import backend, checkpoint, data
+from minillm import backend, checkpoint, data, parallel
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.sampling import encode_prompt, generate
@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "float32"
+    threads: int = 0  # 0: one per CPU core (1 on a GPU)
 
 
 PRESETS = {
@@ -91,20 +92,22 @@ PRESETS = {
 }
 
 
-def stream_rng(seed, stream, step):
-    """A NumPy generator for one (stream, step): the same numbers on every run and resume."""
-    return numpy.random.default_rng([seed, stream, step])
+def stream_rng(seed, stream, *keys):
+    """A NumPy generator for one (stream, step, ...): the same numbers on every run and resume."""
+    return numpy.random.default_rng([seed, stream, *keys])
 
 
-def stream_seed(seed, stream, step):
-    """An integer seed for one (stream, step), for generators on the model's device."""
-    return int(numpy.random.SeedSequence([seed, stream, step]).generate_state(1)[0])
+def stream_seed(seed, stream, *keys):
+    """An integer seed for one (stream, step, ...), for generators on the model's device."""
+    return int(numpy.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0])
 
 
 def validate(cfg):
     """Raise ConfigError naming the first option whose value cannot work."""
     positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
-    non_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip")
+    non_negative = (
+        "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip", "threads",
+    )
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -205,12 +208,12 @@ def plot_losses(log_path, png_path):
     return True
 
 
-def estimate_loss(model, batches):
+def estimate_loss(model, batches, workers):
     """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
     model.eval()
-    total = sum(model(x, y)[1] for x, y in batches)
+    loss = parallel.mean_loss(model, batches, workers)
     model.train()
-    return float(total) / len(batches)
+    return loss
 
 
 def sample_text(model, tokenizer, n_tokens, seed):
@@ -264,6 +267,8 @@ def train(cfg):
     """Run training as configured; returns the best model (reloaded from its checkpoint)."""
     validate(cfg)
     device = backend.resolve_device(cfg.device)
+    # A concrete thread count, saved with the run: the dropout masks depend on how the batch is split.
+    cfg = replace(cfg, threads=cfg.threads or (parallel.usable_cores() if device == "cpu" else 1))
     out_dir = Path(cfg.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +292,7 @@ def train(cfg):
     print(
         f"corpus: {corpus_name}, {len(text):,} characters, {len(train_tokens):,} train and "
         f"{len(val_tokens):,} val tokens, vocabulary {tokenizer.vocab_size}\n"
-        f"model: {model.num_params():,} parameters on {device} ({cfg.dtype})"
+        f"model: {model.num_params():,} parameters on {device} ({cfg.dtype}, {cfg.threads} threads)"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
 
@@ -306,13 +311,14 @@ def train(cfg):
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     progress = Progress(cfg, start_step, out_dir)
+    workers = parallel.Workers(cfg.threads)
     plotted = True
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
     step_seconds = []
     try:
         for step in range(start_step, cfg.max_iters + 1):
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                losses = {name: estimate_loss(model, batches) for name, batches in eval_batches.items()}
+                losses = {name: estimate_loss(model, batches, workers) for name, batches in eval_batches.items()}
                 progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
                 sample = sample_text(model, tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
                 progress.print(
@@ -335,16 +341,16 @@ def train(cfg):
             started = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
             batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
-            model.rng = backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step), device)
             grads = None
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, batch_rng)
-                _, loss = model(x, y)
-                micro = model.backward()
+                rngs = [backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro, shard), device)
+                        for shard in range(cfg.threads)]
+                loss, micro_grads = parallel.loss_and_gradients(model, x, y, rngs, workers)
                 if grads is None:
-                    grads = micro
+                    grads = micro_grads
                 else:
-                    for name, g in micro.items():
+                    for name, g in micro_grads.items():
                         grads[name] += g
             if cfg.grad_accum > 1:
                 for g in grads.values():
@@ -369,6 +375,7 @@ def train(cfg):
             if show:
                 step_seconds = []
     finally:
+        workers.close()
         progress.close()
         signal.signal(signal.SIGINT, previous_handler)
 

@@ -1,0 +1,95 @@
+"""The loss and gradients of one batch, computed on every CPU core.
+
+NumPy's matrix products already use every core, but its element-wise work
+(GELU, softmax, LayerNorm, the optimizer's updates) runs on one. So the batch is
+split by rows into shards, one per thread: NumPy releases Python's global lock
+inside its loops, so the threads truly run at once, and each uses a single BLAS
+thread so that the cores are not oversubscribed.
+
+The loss is a mean over the batch's counted targets (those not IGNORE_INDEX), so
+with n_s counted targets in shard s and n in the batch,
+
+    loss  = sum over s of (n_s / n) * loss_s
+    grads = sum over s of (n_s / n) * grads_s
+
+which is exactly the whole batch's loss and gradient, whatever the split.
+"""
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+from minillm.layers.cross_entropy import IGNORE_INDEX
+
+
+def usable_cores():
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """A pool of `threads` threads that run NumPy work side by side (one thread: run in place)."""
+
+    def __init__(self, threads):
+        self.threads = threads
+        self._pool = None
+        if threads > 1:
+            from threadpoolctl import ThreadpoolController
+
+            self._pool = ThreadPoolExecutor(threads, thread_name_prefix="minillm")
+            self._blas = ThreadpoolController()
+
+    def map(self, fn, items):
+        """[fn(item) for item in items], the items spread over the threads."""
+        if self._pool is None:
+            return [fn(item) for item in items]
+        float_errors = numpy.geterr()  # NumPy's error handling is per thread: pass the caller's on
+
+        def run(item):
+            with numpy.errstate(**float_errors):
+                return fn(item)
+
+        with self._blas.limit(limits=1, user_api="blas"):
+            return list(self._pool.map(run, items))
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def loss_and_gradients(model, idx, targets, rngs, workers):
+    """(mean loss, gradients) of the batch idx, targets (host arrays, (B, T)), split into len(rngs) shards.
+
+    Shard s draws its dropout masks from rngs[s]; the same rngs give the same
+    result however the threads are scheduled, since the shards are combined in order.
+    """
+    rows = numpy.array_split(numpy.arange(len(idx)), min(len(rngs), len(idx)))
+    counts = [int((targets[r] != IGNORE_INDEX).sum()) for r in rows]
+    total = sum(counts)
+
+    def shard(s):
+        _, loss, cache = model.forward_with_cache(idx[rows[s]], targets[rows[s]], rngs[s])
+        return loss, model.backward_from_cache(cache)
+
+    results = workers.map(shard, range(len(rows)))
+    if len(results) == 1:
+        return results[0]
+    weights = [count / max(total, 1) for count in counts]
+    loss = sum(w * shard_loss for w, (shard_loss, _) in zip(weights, results))
+    grads = results[0][1]
+    for g in grads.values():
+        g *= weights[0]
+    for w, (_, shard_grads) in zip(weights[1:], results[1:]):
+        for name, g in shard_grads.items():
+            grads[name] += w * g
+    return loss, grads
+
+
+def mean_loss(model, batches, workers):
+    """Mean loss over (idx, targets) batches, a Python float, the batches spread over the threads."""
+    losses = workers.map(lambda batch: model.forward_with_cache(*batch)[1], batches)
+    return float(sum(losses)) / len(batches)

@@ -1,0 +1,44 @@
+"""Splitting a batch across threads gives the whole batch's loss and gradients, ignored targets included."""
+
+import numpy
+
+from minillm import backend, parallel
+from minillm.layers.cross_entropy import IGNORE_INDEX
+from minillm.model import GPT, GPTConfig
+
+
+def test_sharded_loss_and_gradients_equal_the_whole_batch():
+    config = GPTConfig(vocab_size=9, block_size=6, n_layer=2, n_head=2, n_embd=8)
+    model = GPT(config, seed=0, dtype="float64")
+    rng = numpy.random.default_rng(0)
+    idx = rng.integers(0, 9, (5, 6))
+    targets = rng.integers(0, 9, (5, 6))
+    targets[0, :4] = IGNORE_INDEX  # shards get unequal numbers of counted targets
+    _, expected_loss = model(idx, targets)
+    expected = model.backward()
+    workers = parallel.Workers(2)
+    try:
+        for shards in (1, 2, 3):
+            rngs = [backend.RNG(s) for s in range(shards)]
+            loss, grads = parallel.loss_and_gradients(model, idx, targets, rngs, workers)
+            assert abs(float(loss) - float(expected_loss)) < 1e-12
+            for name in expected:
+                numpy.testing.assert_allclose(grads[name], expected[name], rtol=1e-10, atol=1e-14)
+    finally:
+        workers.close()
+
+
+def test_threads_give_the_same_result_as_one_thread_with_dropout():
+    config = GPTConfig(vocab_size=9, block_size=6, n_layer=1, n_head=2, n_embd=8, dropout=0.3)
+    model = GPT(config, seed=0)
+    idx = numpy.random.default_rng(1).integers(0, 9, (4, 6))
+    results = []
+    for threads in (1, 2):
+        workers = parallel.Workers(threads)
+        rngs = [backend.RNG(s) for s in range(2)]
+        results.append(parallel.loss_and_gradients(model, idx, idx, rngs, workers))
+        workers.close()
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert float(loss_a) == float(loss_b)
+    for name in grads_a:
+        assert numpy.array_equal(grads_a[name], grads_b[name])
