@@ -22,11 +22,10 @@ EPS = 1e-5
 
 
 def forward(x, w, b, eps=EPS):
-    mu = x.mean(axis=-1, keepdims=True)
-    centered = x - mu
-    var = (centered * centered).mean(axis=-1, keepdims=True)
+    xhat = x - x.mean(axis=-1, keepdims=True)  # x - mu
+    var = (xhat * xhat).mean(axis=-1, keepdims=True)
     rstd = 1.0 / (var + eps) ** 0.5
-    xhat = centered * rstd
+    xhat *= rstd  # (x - mu) * rstd, in place
     out = xhat * w
     if b is not None:
         out += b
@@ -39,10 +38,9 @@ def backward(dout, cache):
     rows = tuple(range(dout.ndim - 1))
     dw = (dout * xhat).sum(axis=rows)
     db = dout.sum(axis=rows) if has_bias else None
-    dxhat = dout * w
-    dx = rstd * (
-        dxhat
-        - dxhat.mean(axis=-1, keepdims=True)
-        - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-    )
+    dx = dout * w  # dxhat, turned into dx in place below
+    projection = (dx * xhat).mean(axis=-1, keepdims=True)
+    dx -= dx.mean(axis=-1, keepdims=True)
+    dx -= xhat * projection
+    dx *= rstd
     return dx, dw, db

@@ -1,0 +1,241 @@
+"""Training speed and memory on the CPU, side by side with PyTorch when it is installed.
+
+    python -m minillm.bench.training [--write] [--configs baby small gpt2]
+
+For each configuration: the median time of a full training step (forward,
+backward, gradient clipping, AdamW) over all CPU threads, tokens per second, the
+achieved GFLOP/s with nanoGPT's count (6 N + 12 L H Q T floating-point operations
+per token: N parameters without the position table, L layers, H heads, Q head
+size, T context), MFU against the matrix-product rate measured here, and the
+peak memory of a training process against an analytic estimate. PyTorch, when
+importable, runs the same model with the same shapes and thread count, its steps
+interleaved with minillm's so that load from elsewhere falls on both alike.
+Then a per-layer breakdown of one step of the first configuration.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy
+
+from minillm import backend, parallel
+from minillm.bench.common import format_table, median_seconds, write_section
+from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
+from minillm.model import GPT, GPTConfig
+from minillm.optim import AdamW, clip_grad_norm
+
+TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
+CONFIGS = {
+    # name: (model, batch size, timed steps)
+    "baby": (GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128), 12, 15),
+    "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), 8, 5),
+    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1, 3),
+}
+
+
+def flops_per_step(config, batch_size):
+    """nanoGPT's count: (6 N + 12 L H Q T) per token, times the tokens of a step."""
+    n = sum(numpy.prod(shape) for name, shape in parameter_shapes(config).items() if name != "wpe.weight")
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    return (6 * n + 12 * L * H * Q * T) * batch_size * T
+
+
+def parameter_shapes(config):
+    from minillm.model import parameter_shapes as shapes
+
+    return shapes(config)
+
+
+def analytic_memory_bytes(config, batch_size):
+    """Parameters, gradients and the two AdamW moments, plus what the forward keeps for backward.
+
+    Per block (dropout off), counted in values: LayerNorm 1 x_hat (BTC) + its output (BTC),
+    attention q, k, v (3 BTC) + its weights P (n_head B T^2) + head outputs (BTC),
+    LayerNorm 2 x_hat + output (2 BTC), MLP input of GELU, tanh and GELU output (3 x 4 BTC):
+    20 BTC + n_head B T^2. Then the final LayerNorm (2 BTC) and the logits, the softmax
+    and the logits' gradient (3 BTV). Four bytes a value (float32).
+    """
+    B, T, C, V = batch_size, config.block_size, config.n_embd, config.vocab_size
+    params = sum(int(numpy.prod(shape)) for shape in parameter_shapes(config).values())
+    per_block = 20 * B * T * C + config.n_head * B * T * T
+    activations = config.n_layer * per_block + 2 * B * T * C + 3 * B * T * V
+    return 4 * (4 * params + activations)
+
+
+def training_step(config, batch_size, threads):
+    """A function that runs one minillm training step, as train.py does."""
+    model = GPT(config, seed=0)
+    optimizer = AdamW(model.params, lr=1e-4)
+    workers = parallel.Workers(threads)
+    idx = numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
+    rngs = [backend.RNG(s) for s in range(threads)]
+
+    def step():
+        _, grads = parallel.loss_and_gradients(model, idx, idx, rngs, workers)
+        clip_grad_norm(grads, 1.0)
+        optimizer.step(grads)
+
+    return step, idx
+
+
+def matmul_gflops(n=2048, repeat=5):
+    """float32 n x n matrix product rate through the backend's array module: the ceiling."""
+    a = numpy.random.default_rng(0).random((n, n), dtype=numpy.float32)
+    return 2 * n**3 / median_seconds(lambda: a @ a, repeat=repeat) / 1e9
+
+
+def interleaved_medians(functions, steps):
+    """Median seconds of each function, timed in turns (one call each per round)."""
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(steps):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(name, threads):
+    """(baseline, peak) resident bytes of a fresh process that runs three training steps."""
+    command = [sys.executable, "-m", "minillm.bench.training", "--memory-probe", name, "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    return report["baseline"], report["peak"]
+
+
+def memory_probe(name, threads):
+    config, batch_size, _ = CONFIGS[name]
+    baseline = process_memory("VmRSS")
+    step, _ = training_step(config, batch_size, threads)
+    for _ in range(3):
+        step()
+    print(json.dumps({"baseline": baseline, "peak": process_memory("VmHWM")}))
+
+
+def process_memory(field):
+    """Resident bytes now (VmRSS) or at the peak (VmHWM), from Linux's /proc.
+
+    Not getrusage's ru_maxrss: Linux carries that over from the parent process
+    across exec, so a child started by a large parent reports the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the value is in kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def layer_breakdown(config, batch_size, steps=3):
+    """Rows (layer, forward ms, backward ms) per training step on one thread, from the real step.
+
+    Every layer module's forward and backward are wrapped with a timer for the
+    duration; a layer's own time excludes the layers it calls (attention's
+    linear projections and softmax count as linear and softmax).
+    """
+    modules = [attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax]
+    own = {}  # (layer, pass) -> seconds
+    stack = [0.0]  # time spent in children of the calls in progress
+
+    def timed(name, pass_, fn):
+        def wrapper(*args, **kwargs):
+            stack.append(0.0)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            elapsed = time.perf_counter() - start
+            children = stack.pop()
+            own[name, pass_] = own.get((name, pass_), 0.0) + elapsed - children
+            stack[-1] += elapsed
+            return result
+
+        return wrapper
+
+    originals = {m: (m.forward, m.backward) for m in modules}
+    step, _ = training_step(config, batch_size, threads=1)
+    step()
+    try:
+        for m in modules:
+            name = m.__name__.rsplit(".", 1)[-1]
+            m.forward, m.backward = timed(name, "forward", m.forward), timed(name, "backward", m.backward)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = (time.perf_counter() - start) / steps
+    finally:
+        for m, (forward, backward) in originals.items():
+            m.forward, m.backward = forward, backward
+    names = sorted({name for name, _ in own}, key=lambda n: -(own.get((n, "forward"), 0) + own.get((n, "backward"), 0)))
+    rows = [(n, 1000 * own.get((n, "forward"), 0.0) / steps, 1000 * own.get((n, "backward"), 0.0) / steps) for n in names]
+    rest = total - sum(f + b for _, f, b in rows) / 1000
+    return rows + [("optimizer, clipping and the rest", 1000 * rest, 0.0)], total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minillm.bench.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["baby", "small", "gpt2"], choices=sorted(CONFIGS))
+    parser.add_argument("--threads", type=int, default=parallel.usable_cores())
+    parser.add_argument("--write", action="store_true", help=f"put the tables into BENCHMARKS.md under '{TITLE}'")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, args.threads)
+    try:
+        from minillm.bench import torch_reference
+    except ImportError:
+        torch_reference = None
+
+    ceiling = matmul_gflops()
+    print(f"float32 2048x2048 matrix product: {ceiling:.0f} GFLOP/s (the MFU ceiling); {args.threads} threads")
+    rows = []
+    for name in args.configs:
+        config, batch_size, steps = CONFIGS[name]
+        step, idx = training_step(config, batch_size, args.threads)
+        functions = {"minillm": step}
+        if torch_reference is not None:
+            functions["pytorch"] = torch_reference.training_step(config, idx, args.threads)
+        seconds = interleaved_medians(functions, steps)
+        ours = seconds["minillm"]
+        gflops = flops_per_step(config, batch_size) / ours / 1e9
+        baseline, peak = peak_memory(name, args.threads)
+        estimate = analytic_memory_bytes(config, batch_size)
+        torch_ms = f"{1000 * seconds['pytorch']:.0f}" if "pytorch" in seconds else "-"
+        speed = f"{seconds['pytorch'] / ours:.2f}x" if "pytorch" in seconds else "-"
+        rows.append([
+            name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
+            f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
+            f"{gflops:.0f}", f"{100 * gflops / ceiling:.0f}%",
+            f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)",
+        ])
+        print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+    table = format_table(HEADERS, rows)
+    first = args.configs[0]
+    breakdown, total = layer_breakdown(CONFIGS[first][0], CONFIGS[first][1])
+    layers = format_table(
+        ["layer", "forward ms", "backward ms", "share"],
+        [[n, f"{f:.1f}", f"{b:.1f}", f"{100 * (f + b) / 1000 / total:.0f}%"] for n, f, b in breakdown],
+    )
+    report = (
+        f"Matrix-product ceiling: {ceiling:.0f} GFLOP/s (float32 2048x2048, {args.threads} threads). "
+        f"PyTorch: {'not installed' if torch_reference is None else 'eager mode, ' + __import__('torch').__version__}.\n\n"
+        f"{table}\n\n"
+        "ms: median of a full step (forward, backward, clipping, AdamW), minillm and PyTorch timed in turns; "
+        "speed: PyTorch's time / minillm's (above 1: minillm is faster). Memory: peak resident memory of a "
+        "fresh training process less its size before building the model, against the analytic estimate "
+        "(parameters, gradients, AdamW moments, activations).\n\n"
+        f"Where one `{first}` step's time goes, on one thread ({1000 * total:.0f} ms a step with the timers; "
+        f"a layer's own time, without the layers it calls):\n\n{layers}\n"
+    )
+    print("\n" + report)
+    if args.write:
+        write_section(TITLE, report)
+
+
+HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP/s", "MFU", "memory: measured / analytic"]
+
+if __name__ == "__main__":
+    main()
