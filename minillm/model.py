@@ -219,6 +219,13 @@ class GPT:
                 raise embedding.TokenIdError(
                     f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
                 )
+            # Targets index the logits: out of range, NumPy would read another row and CuPy wrap around.
+            outside = (targets != cross_entropy.IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
+            if bool(outside.any()):
+                raise embedding.TokenIdError(
+                    f"targets must lie in [0, {cfg.vocab_size}) or be IGNORE_INDEX ({cross_entropy.IGNORE_INDEX}), "
+                    f"got {int(targets[outside][0])}"
+                )
             loss, loss_cache = cross_entropy.forward(logits, targets)
         return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
 

@@ -73,7 +73,8 @@ def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm.
 
     norm = sqrt(sum over every gradient array of sum(g^2)); when norm > max_norm
-    every g becomes g * max_norm / norm (the direction is kept). Returns the norm
+    every g becomes g * max_norm / (norm + 1e-6) (the direction is kept; the 1e-6
+    guards a zero norm, and also trims norms within 1e-6 of the limit). Returns the norm
     before clipping as a 0-d array on the gradients' device: reading it as a
     Python float is the caller's choice (it waits for the device).
     """
