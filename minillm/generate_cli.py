@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from minillm import backend, checkpoint
+from minillm import backend, checkpoint, hf
 from minillm.sampling import encode_prompt, option_problem, stream
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -22,6 +22,7 @@ class SampleText:
         self.tokenizer, self.stops, self.eot_id = tokenizer, stops, eot_id
         self.text = ""
         self.done = False
+        self.pending = []  # ids that may end inside a character (byte-level BPE splits UTF-8)
 
     def add(self, token):
         """Take the next token id; return the text it adds (nothing once the sample is done)."""
@@ -29,10 +30,25 @@ class SampleText:
             return ""
         if token == self.eot_id:
             self.done = True
+            return self.flush()
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        # A UTF-8 character has at most 4 bytes: wait for the rest of one that is cut short.
+        if piece.endswith("\ufffd") and len(self.pending) < 4:
             return ""
-        # Each token decodes on its own: right for tokenizers whose tokens are whole strings.
+        self.pending = []
+        return self.extend(piece)
+
+    def flush(self):
+        """The text of ids still held back (at the end of the sample), replacement characters and all."""
+        piece = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return self.extend(piece)
+
+    def extend(self, piece):
+        """Append a piece of text, cut it after a stop text, and return what was appended."""
         start = len(self.text)
-        self.text += self.tokenizer.decode([token])
+        self.text += piece
         # Search only where a stop text could end inside the new piece.
         ends = [
             found + len(stop)
@@ -56,6 +72,9 @@ def parse_args(argv=None):
     where.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/ckpt.npz)")
     where.add_argument("--out-dir", default="out", metavar="DIR",
                        help="folder of the checkpoint written by train.py (default: out)")
+    where.add_argument("--init-from", default=None, metavar="DIR",
+                       help="a Hugging Face GPT-2 directory instead: config.json, model.safetensors, "
+                       "vocab.json and merges.txt")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", metavar="TEXT",
                         help="text to continue; - reads standard input (default: empty, which starts from a "
@@ -109,14 +128,9 @@ def read_prompt(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
-    if not ckpt.is_file():
-        return fail(
-            f"{ckpt}: no such checkpoint file; train one with `python train.py`, or pass --ckpt PATH or --out-dir DIR"
-        )
     try:
-        model, tokenizer, _, _ = checkpoint.load(ckpt, device=backend.resolve_device(args.device))
-    except (checkpoint.CheckpointError, backend.BackendError) as err:
+        model, tokenizer = load_model(args)
+    except (checkpoint.CheckpointError, backend.BackendError, hf.PretrainedError) as err:
         return fail(err)
     try:
         prompt_ids = encode_prompt(tokenizer, args.prompt)
@@ -140,8 +154,7 @@ def main(argv=None):
 
 def print_samples(model, tokenizer, prompt_ids, args):
     """Stream the first sample to stdout as it is produced; print the others when the batch is done."""
-    eot_id = getattr(tokenizer, "eot_id", None)  # a tokenizer with an end-of-text token gives its id as eot_id
-    samples = [SampleText(tokenizer, args.stop, eot_id) for _ in range(args.num_samples)]
+    samples = [SampleText(tokenizer, args.stop, tokenizer.eot_id) for _ in range(args.num_samples)]
     print(args.prompt, end="", flush=True)
     steps = stream(model, [prompt_ids] * args.num_samples, args.max_new_tokens,
                    args.temperature, args.top_k, args.top_p, args.seed)
@@ -151,10 +164,29 @@ def print_samples(model, tokenizer, prompt_ids, args):
         print(pieces[0], end="", flush=True)
         if all(sample.done for sample in samples):
             break
-    print()
+    print(samples[0].flush())
     for sample in samples[1:]:
+        sample.flush()
         print(SEPARATOR)
         print(args.prompt + sample.text)
+
+
+def load_model(args):
+    """(model, tokenizer) from --init-from, --ckpt, or the out dir's best checkpoint."""
+    device = backend.resolve_device(args.device)
+    if args.init_from:
+        model, tokenizer = hf.from_pretrained(args.init_from, device=device)
+        if tokenizer is None:
+            raise hf.PretrainedError(f"{args.init_from}: no vocab.json and merges.txt to encode the prompt with")
+        return model, tokenizer
+    ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
+    if not ckpt.is_file():
+        raise checkpoint.CheckpointError(
+            f"{ckpt}: no such checkpoint file; train one with `python train.py`, "
+            "or pass --ckpt PATH, --out-dir DIR or --init-from GPT2_DIR"
+        )
+    model, tokenizer, _, _ = checkpoint.load(ckpt, device=device)
+    return model, tokenizer
 
 
 def fail(message):

@@ -169,6 +169,19 @@ class GPT:
         self.training = True
         self._cache = None
 
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32", device="cpu"):
+        """(model, tokenizer or None) from a Hugging Face GPT-2 directory; see minillm.hf."""
+        from minillm import hf  # hf builds GPT models itself: import it when it is used
+
+        return hf.from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write config.json + model.safetensors (+ the BPE tokenizer's files); see minillm.hf."""
+        from minillm import hf
+
+        hf.save_pretrained(self, directory, tokenizer)
+
     def train(self, mode=True):
         self.training = mode
         return self

@@ -152,9 +152,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
 
 
 def encode_prompt(tokenizer, text):
-    """Token ids of the prompt; an empty one starts from a newline token, or token 0 without one."""
+    """Token ids of the prompt. An empty one starts from the end-of-text token (as GPT-2 does),
+    or else a newline token, or token 0 without one."""
     if text:
         return tokenizer.encode(text)
+    if tokenizer.eot_id is not None:
+        return [tokenizer.eot_id]
     try:
         return tokenizer.encode("\n")
     except UnknownCharactersError:

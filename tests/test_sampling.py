@@ -378,3 +378,32 @@ def test_a_missing_checkpoint_is_one_line_and_exit_1(tmp_path):
     done = run("--out-dir", str(tmp_path / "nothing"))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "ckpt.npz" in done.stderr
+
+
+def test_streamed_text_never_splits_a_character_of_byte_level_bpe():
+    from minillm.tokenizers.bpe import BPETokenizer
+
+    tokenizer = BPETokenizer.train("plain text", 260)  # merges only ASCII: "☃" stays 3 byte tokens
+    ids = tokenizer.encode("a☃b")
+    sample = SampleText(tokenizer, [], tokenizer.eot_id)
+    pieces = [sample.add(i) for i in ids]
+    assert "\ufffd" not in "".join(pieces) and "".join(pieces) == "a☃b"
+    cut = SampleText(tokenizer, [], tokenizer.eot_id)
+    assert [cut.add(i) for i in tokenizer.encode("☃")[:2]] == ["", ""]
+    assert cut.flush() == tokenizer.decode(tokenizer.encode("☃")[:2])  # ends cut short: replacement shown
+
+
+def test_generate_from_a_gpt2_directory(tmp_path):
+    from minillm.tokenizers.bpe import BPETokenizer
+
+    tokenizer = BPETokenizer.train("some text for a tiny tokenizer", 270)
+    GPT(GPTConfig(tokenizer.vocab_size, 16, 1, 2, 8)).save_pretrained(tmp_path, tokenizer)
+    result = subprocess.run(
+        [sys.executable, str(GENERATE), "--init-from", str(tmp_path), "--prompt", "some ☃", "--max-new-tokens", "5"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("some ☃")
+    missing = subprocess.run([sys.executable, str(GENERATE), "--init-from", str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr

@@ -1,13 +1,18 @@
 """Tokenizers: text <-> lists of integer ids.
 
 Every tokenizer has `encode(text) -> list[int]`, `decode(ids) -> str`,
-`vocab_size`, and `to_dict()` (JSON-serialisable, stored in checkpoints);
-`from_dict(d)` rebuilds whichever kind `d` describes.
+`vocab_size`, `eot_id` (the id of "<|endoftext|>", which separates documents,
+or None when the tokenizer has none), and `to_dict()` (JSON-serialisable,
+stored in checkpoints); `from_dict(d)` rebuilds whichever kind `d` describes.
+
+    char   CharTokenizer: one id per character of the training text (char.py)
+    bpe    BPETokenizer: GPT-2's byte-level BPE, trained here or loaded from GPT-2's files (bpe.py)
 """
 
+from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
 from minillm.tokenizers.char import CharTokenizer
 
-KINDS = {"char": CharTokenizer}
+KINDS = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
 def from_dict(data):

@@ -7,6 +7,7 @@ class UnknownCharactersError(ValueError):
 
 class CharTokenizer:
     kind = "char"
+    eot_id = None  # no end-of-text token: documents are not separated
 
     def __init__(self, chars):
         self.chars = list(chars)
