@@ -127,3 +127,19 @@ def load(path, device="cpu"):
             "v": {name: arrays[f"adam_v/{name}"] for name in model.params},
         }
     return model, tokenizer, meta, optimizer_state
+
+
+def load_pretrained(path, device="cpu", dtype="float32"):
+    """(model, tokenizer) from a minillm checkpoint file or a Hugging Face GPT-2 directory.
+
+    `dtype` applies to GPT-2 directories; a checkpoint keeps the dtype it was saved with.
+    """
+    if Path(path).is_dir():
+        from minillm import hf  # hf imports the model, as this module does: import it when needed
+
+        model, tokenizer = hf.from_pretrained(path, dtype=dtype, device=device)
+        if tokenizer is None:
+            raise hf.PretrainedError(f"{path}: no vocab.json and merges.txt, so no tokenizer to encode text with")
+        return model, tokenizer
+    model, tokenizer, _, _ = load(path, device=device)
+    return model, tokenizer

@@ -175,10 +175,7 @@ def load_model(args):
     """(model, tokenizer) from --init-from, --ckpt, or the out dir's best checkpoint."""
     device = backend.resolve_device(args.device)
     if args.init_from:
-        model, tokenizer = hf.from_pretrained(args.init_from, device=device)
-        if tokenizer is None:
-            raise hf.PretrainedError(f"{args.init_from}: no vocab.json and merges.txt to encode the prompt with")
-        return model, tokenizer
+        return checkpoint.load_pretrained(args.init_from, device=device)
     ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
     if not ckpt.is_file():
         raise checkpoint.CheckpointError(

@@ -12,8 +12,9 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minillm import backend, checkpoint, data
+from minillm import backend, checkpoint, data, hf
 from minillm.model import ConfigError
+from minillm.tokenizers.char import UnknownCharactersError
 from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, TrainingError, train
 
 HELP = {
@@ -21,6 +22,8 @@ HELP = {
     "dataset": "a named corpus downloaded once into the cache folder: shakespeare",
     "out_dir": "folder for checkpoints, token files, log and loss curve",
     "resume": "continue the run saved in OUT_DIR/last.npz",
+    "init_from": "start from pretrained weights, a minillm checkpoint or a Hugging Face GPT-2 directory "
+    "(its model shape and tokenizer; a fresh optimizer and schedule)",
     "n_layer": "transformer blocks",
     "n_head": "attention heads (must divide --n-embd)",
     "n_embd": "embedding width",
@@ -131,7 +134,8 @@ def main(argv=None):
         if debug:
             raise
         parser.exit(2, f"train.py: error: {err}\n")
-    except (data.DataError, checkpoint.CheckpointError, TrainingError, OSError) as err:
+    except (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, OSError,
+            UnknownCharactersError) as err:
         if debug:
             raise
         print(f"train.py: error: {err}", file=sys.stderr)

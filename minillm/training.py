@@ -53,6 +53,7 @@ class TrainConfig:
     dataset: str = ""
     out_dir: str = "out"
     resume: bool = False
+    init_from: str = ""
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -237,18 +238,33 @@ def describe_nonfinite(loss, grads):
     return "the gradient norm overflowed"
 
 
-def build_or_resume(cfg, tokenizer, device, resumed):
-    """(model, optimizer, start step, best val loss): fresh, or from the loaded last.npz."""
+def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
+    """(model, optimizer, start step, best val loss): fresh, from pretrained weights, or from last.npz.
+
+    A pretrained model keeps its own shape (the model options are ignored) and
+    trains with windows of --block-size tokens, at most its context; it starts
+    with a fresh optimizer and schedule.
+    """
     model_config = GPTConfig(
         vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
     )
     if resumed is None:
-        model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device)
+        if pretrained is None:
+            model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device)
+        else:
+            model = pretrained[0].train()
+            model.config.dropout = cfg.dropout
+            if cfg.block_size > model.config.block_size:
+                raise ConfigError(
+                    f"--block-size {cfg.block_size} exceeds the pretrained model's {model.config.block_size} positions"
+                )
+            if model.dtype != backend.dtype_of(cfg.dtype):
+                raise ConfigError(f"{cfg.init_from} holds {model.dtype} parameters; use --dtype {model.dtype}")
         optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         return model, optimizer, 0, math.inf
     model, _, meta, optimizer_state = resumed
-    if model.config != model_config:
+    if not cfg.init_from and model.config != model_config:
         raise ConfigError(
             f"the checkpoint's model ({model.config}) differs from the options given; "
             "resume with the options of that run"
@@ -277,10 +293,11 @@ def train(cfg):
 
     text, corpus_name = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
-    # A resumed run keeps its vocabulary: the token ids must mean what they meant.
-    tokenizer = resumed[1] if resumed else CharTokenizer.from_text(text)
+    pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
+    # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
+    tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
     train_tokens, val_tokens = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size)
-    model, optimizer, start_step, best_val = build_or_resume(cfg, tokenizer, device, resumed)
+    model, optimizer, start_step, best_val = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
 
     eval_rng = stream_rng(cfg.seed, EVAL_STREAM, 0)
     # The same evaluation batches every time, so successive evaluations are comparable.

@@ -221,3 +221,26 @@ def test_config_file_and_flags_layer_over_the_preset(tmp_path):
     args = build_parser().parse_args(["--preset", "small", "--config", str(config), "--lr", "0.005"])
     cfg = resolve_config(args)
     assert (cfg.n_embd, cfg.n_layer, cfg.lr) == (384, 3, 0.005)
+
+
+def test_init_from_a_checkpoint_or_a_gpt2_directory_starts_from_those_weights(tmp_path, corpus):
+    from minillm.model import GPT, GPTConfig
+    from minillm.tokenizers.bpe import BPETokenizer
+
+    pretrained = tmp_path / "pretrained"
+    train(TrainConfig(data=str(corpus), out_dir=str(pretrained), **TINY))
+    tuned = train(TrainConfig(data=str(corpus), out_dir=str(tmp_path / "tuned"), init_from=str(pretrained / "ckpt.npz"),
+                              **{**TINY, "max_iters": 2, "eval_interval": 1}))
+    _, start = saved_arrays(tmp_path / "tuned" / "last.npz")
+    assert tuned.config.n_embd == TINY["n_embd"] and start["step"] == 2
+
+    tokenizer = BPETokenizer.train(corpus.read_text()[:5000], 300)
+    gpt2_dir = tmp_path / "gpt2"
+    GPT(GPTConfig(tokenizer.vocab_size, 32, 1, 2, 8)).save_pretrained(gpt2_dir, tokenizer)
+    options = {**TINY, "max_iters": 2, "eval_interval": 1, "n_layer": 5}  # the model options are the directory's
+    tuned = train(TrainConfig(data=str(corpus), out_dir=str(tmp_path / "bpe"), init_from=str(gpt2_dir), **options))
+    assert tuned.config.n_layer == 1 and tuned.config.vocab_size == tokenizer.vocab_size
+
+    too_long = run_train(["--data", str(corpus), "--out-dir", str(tmp_path / "x"), "--init-from", str(gpt2_dir),
+                          *tiny_flags(block_size=64)])
+    assert too_long.returncode == 2 and "exceeds the pretrained model's 32 positions" in too_long.stderr
