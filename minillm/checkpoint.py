@@ -71,14 +71,15 @@ def save(path, model, tokenizer, optimizer=None, **meta):
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}") from None
 
 
-def read_arrays(path):
-    """All arrays of a checkpoint file as host NumPy arrays, plus its parsed meta.json."""
+def read_arrays(path, meta_only=False):
+    """All arrays of a checkpoint file as host NumPy arrays (none with meta_only), plus its parsed meta.json."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with numpy.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+            names = [name for name in npz.files if name == "meta.json" or not meta_only]
+            arrays = {name: npz[name] for name in names}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
     try:
@@ -92,17 +93,7 @@ def read_arrays(path):
 
 def read_meta(path):
     """Only the JSON header of a checkpoint (the arrays stay on disk)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with numpy.load(path, allow_pickle=False) as npz:
-            meta = json.loads(npz["meta.json"].tobytes().decode("utf-8"))
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a minillm checkpoint")
-    return meta
+    return read_arrays(path, meta_only=True)[1]
 
 
 def load(path, device="cpu"):

@@ -74,17 +74,23 @@ def from_hf_state_dict(tensors):
 
     Skips the mask buffers, and checks that lm_head.weight, if present, equals wte.weight.
     """
-    params = {}
-    for hf_name, array in tensors.items():
-        name = from_hf_name(hf_name)
-        if name is None:
-            continue
-        if name in params:
-            raise PretrainedError(f"{name} appears twice, with and without the prefix {PREFIX!r}")
-        params[name] = array
+    params = {name: tensors[hf_name] for name, hf_name in minillm_names(tensors, "the state dict").items()}
     if "lm_head.weight" in tensors:
         check_tied(tensors["lm_head.weight"], params.get("wte.weight"), "the state dict")
     return params
+
+
+def minillm_names(hf_names, where):
+    """{minillm name: GPT-2 name} for the parameters among hf_names (buffers and lm_head skipped)."""
+    names = {}
+    for hf_name in hf_names:
+        name = from_hf_name(hf_name)
+        if name is None:
+            continue
+        if name in names:
+            raise PretrainedError(f"{where}: {name} appears twice, as {names[name]} and {hf_name}")
+        names[name] = hf_name
+    return names
 
 
 def check_tied(lm_head, wte, where):
@@ -224,14 +230,7 @@ def read_weights(path, model):
     """
     where = str(path)
     header = safetensors_header(path)
-    names = {}  # minillm name -> name in the file
-    for hf_name in header:
-        name = from_hf_name(hf_name)
-        if name is None:
-            continue
-        if name in names:
-            raise PretrainedError(f"{where}: {name} appears twice, as {names[name]} and {hf_name}")
-        names[name] = hf_name
+    names = minillm_names(header, where)
 
     missing = [name for name in model.params if name not in names]
     unexpected = [names[name] for name in names if name not in model.params]
