@@ -244,3 +244,34 @@ def test_init_from_a_checkpoint_or_a_gpt2_directory_starts_from_those_weights(tm
     too_long = run_train(["--data", str(corpus), "--out-dir", str(tmp_path / "x"), "--init-from", str(gpt2_dir),
                           *tiny_flags(block_size=64)])
     assert too_long.returncode == 2 and "exceeds the pretrained model's 32 positions" in too_long.stderr
+
+
+def test_named_dataset_is_downloaded_once_checked_and_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import io
+    import urllib.error
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    url, size = data.DATASETS["shakespeare"]
+    calls = []
+
+    def serve(body):
+        def urlopen(address, timeout):
+            calls.append(address)
+            return io.BytesIO(body)
+        return urlopen
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", serve(b"x" * (size - 1)))
+    with pytest.raises(data.DataError, match="expected 1,115,394"):
+        data.fetch_dataset("shakespeare")
+    monkeypatch.setattr(data.urllib.request, "urlopen", serve(b"x" * size))
+    path = data.fetch_dataset("shakespeare")
+    assert path == tmp_path / "minillm" / "shakespeare.txt" and path.stat().st_size == size
+    assert data.fetch_dataset("shakespeare") == path and calls == [url, url]  # the second call reads the cache
+
+    def offline(address, timeout):
+        raise urllib.error.URLError("no network")
+
+    path.unlink()
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataError, match="pass --data PATH"):
+        data.fetch_dataset("shakespeare")
