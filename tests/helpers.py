@@ -12,7 +12,7 @@ def gradient_errors(forward, backward, inputs, names, seed=0):
     forward(**inputs) -> (out, cache); backward(R, cache) -> the gradients of the
     inputs named in `names`, in that order. The objective is L = sum(out * R) with a
     fixed random R (a 0-d R for a scalar out, e.g. a loss), so dL/dout = R.
-    Each input is perturbed in place by gradcheck.numerical_gradient and restored.
+    Each input is perturbed in place by gradcheck's finite differences and restored.
     """
     out, cache = forward(**inputs)
     R = numpy.random.default_rng(seed).normal(size=numpy.shape(out))
@@ -23,8 +23,7 @@ def gradient_errors(forward, backward, inputs, names, seed=0):
     for name, grad in zip(names, analytic):
         assert grad is not None, f"d{name} is None"
         assert grad.shape == inputs[name].shape, f"d{name}: shape {grad.shape} != {inputs[name].shape}"
-        numeric = gradcheck.numerical_gradient(lambda: (forward(**inputs)[0] * R).sum(), inputs[name])
-        errors[name] = gradcheck.relative_error(grad, numeric)
+        errors[name] = gradcheck.gradient_error(grad, lambda: (forward(**inputs)[0] * R).sum(), inputs[name])
     return errors
 
 
