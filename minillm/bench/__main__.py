@@ -1,0 +1,21 @@
+"""Every benchmark in turn: python -m minillm.bench [--write]
+
+Training (step time, MFU, memory, PyTorch side by side), sampling (with and
+without the KV cache) and the tokenizer; --write records each table in BENCHMARKS.md.
+"""
+
+import sys
+
+from minillm.bench import sampling, tokenizer, training
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["--write"]):
+        sys.exit("usage: python -m minillm.bench [--write]  (each python -m minillm.bench.NAME takes more options)")
+    for bench in (training, sampling, tokenizer):
+        bench.main(argv)
+
+
+if __name__ == "__main__":
+    main()
