@@ -16,10 +16,8 @@ The out dir holds:
     loss.png     the loss curves (when matplotlib is installed)
 """
 
-import json
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,13 +27,12 @@ import numpy
 from minillm import backend, checkpoint, data, parallel
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
+from minillm.progress import PLOT_FILE, Progress, plot_losses
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer
 
 BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
-LOG_FILE = "log.jsonl"
-PLOT_FILE = "loss.png"
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
@@ -135,80 +132,6 @@ def load_corpus(cfg):
     return data.builtin_corpus(), "built-in (Python documentation topics)"
 
 
-class Progress:
-    """Progress lines: a tqdm bar on a terminal, plain lines otherwise; plus the JSONL log."""
-
-    def __init__(self, cfg, start_step, out_dir):
-        self.log_path = Path(out_dir) / LOG_FILE
-        self.log = open(self.log_path, "a")
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.max_iters, initial=start_step, dynamic_ncols=True, unit="step")
-
-    def print(self, text):
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def record(self, entry):
-        self.log.write(json.dumps(entry) + "\n")
-        self.log.flush()
-
-    def step(self, entry, show_line):
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.1e}",
-                ms=f"{entry['ms_per_step']:.0f}", tok_s=f"{entry['tokens_per_s']:,.0f}",
-            )
-        if show_line:
-            self.record(entry)
-            if self.bar is None:
-                self.print(
-                    f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {entry['grad_norm']:.3f}, "
-                    f"lr {entry['lr']:.2e}, {entry['ms_per_step']:.0f} ms/step, {entry['tokens_per_s']:,.0f} tokens/s"
-                )
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        self.log.close()
-
-
-def plot_losses(log_path, png_path):
-    """Train and val loss against step, from the log; returns False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    evals = {}
-    for line in Path(log_path).read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed run
-        if "val_loss" in entry:
-            evals[entry["step"]] = entry  # a resumed run overwrites the steps it repeats
-    steps = sorted(evals)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [evals[s]["train_loss"] for s in steps], label="train")
-    ax.plot(steps, [evals[s]["val_loss"] for s in steps], label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    checkpoint.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-    return True
-
-
 def estimate_loss(model, batches, workers):
     """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
     model.eval()
@@ -236,6 +159,31 @@ def describe_nonfinite(loss, grads):
         if not bool(backend.get_array_module(grads[name]).isfinite(grads[name]).all()):
             return f"the loss is finite, but the gradient of {name} is the first to be non-finite"
     return "the gradient norm overflowed"
+
+
+def step_gradients(model, tokens, cfg, step, workers, device):
+    """(mean loss, mean gradients) over the step's grad_accum micro-batches of batch_size windows.
+
+    The micro-batches, and each thread's dropout masks, come from generators
+    seeded with the step: the same step always sees the same data and masks.
+    """
+    batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
+    total_loss, grads = 0.0, None
+    for micro in range(cfg.grad_accum):
+        x, y = data.get_batch(tokens, cfg.batch_size, cfg.block_size, batch_rng)
+        rngs = [backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro, shard), device)
+                for shard in range(cfg.threads)]
+        loss, micro_grads = parallel.loss_and_gradients(model, x, y, rngs, workers)
+        total_loss = total_loss + loss
+        if grads is None:
+            grads = micro_grads
+        else:
+            for name, g in micro_grads.items():
+                grads[name] += g
+    if cfg.grad_accum > 1:
+        for g in grads.values():
+            g *= 1.0 / cfg.grad_accum
+    return total_loss / cfg.grad_accum, grads
 
 
 def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
@@ -346,7 +294,7 @@ def train(cfg):
                     best_val = losses["val"]
                     save(best_path, step, val_loss=best_val)
                 plotted = plot_losses(progress.log_path, out_dir / PLOT_FILE)
-            if step % cfg.save_interval == 0 and step > start_step or step == cfg.max_iters:
+            if (step % cfg.save_interval == 0 and step > start_step) or step == cfg.max_iters:
                 save(last_path, step)
             if step == cfg.max_iters:
                 break
@@ -357,21 +305,7 @@ def train(cfg):
 
             started = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-            batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
-            grads = None
-            for micro in range(cfg.grad_accum):
-                x, y = data.get_batch(train_tokens, cfg.batch_size, cfg.block_size, batch_rng)
-                rngs = [backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro, shard), device)
-                        for shard in range(cfg.threads)]
-                loss, micro_grads = parallel.loss_and_gradients(model, x, y, rngs, workers)
-                if grads is None:
-                    grads = micro_grads
-                else:
-                    for name, g in micro_grads.items():
-                        grads[name] += g
-            if cfg.grad_accum > 1:
-                for g in grads.values():
-                    g *= 1.0 / cfg.grad_accum
+            loss, grads = step_gradients(model, train_tokens, cfg, step, workers, device)
             grad_norm = float(clip_grad_norm(grads, cfg.grad_clip))
             loss = float(loss)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -85,7 +85,7 @@ def test_split_too_small_for_a_window_is_a_clear_error(tmp_path):
 
 def test_train_saves_checkpoints_log_and_plot_and_samples(tmp_path, corpus):
     out = tmp_path / "out"
-    model = train(TrainConfig(data=str(corpus), out_dir=str(out), **TINY))
+    train(TrainConfig(data=str(corpus), out_dir=str(out), **TINY))
     for name in ("ckpt.npz", "last.npz", "train.bin", "val.bin", "log.jsonl"):
         assert (out / name).is_file(), name
     entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

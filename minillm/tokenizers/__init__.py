@@ -9,7 +9,7 @@ stored in checkpoints); `from_dict(d)` rebuilds whichever kind `d` describes.
     bpe    BPETokenizer: GPT-2's byte-level BPE, trained here or loaded from GPT-2's files (bpe.py)
 """
 
-from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
+from minillm.tokenizers.bpe import BPETokenizer
 from minillm.tokenizers.char import CharTokenizer
 
 KINDS = {"char": CharTokenizer, "bpe": BPETokenizer}

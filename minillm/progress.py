@@ -1,0 +1,84 @@
+"""Training progress: the bar or lines on the terminal, the JSONL log, and the loss-curve picture."""
+
+import json
+import sys
+from pathlib import Path
+
+from minillm.checkpoint import atomic_write
+
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class Progress:
+    """Progress lines: a tqdm bar on a terminal, plain lines otherwise; plus the JSONL log."""
+
+    def __init__(self, cfg, start_step, out_dir):
+        self.log_path = Path(out_dir) / LOG_FILE
+        self.log = open(self.log_path, "a")
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.max_iters, initial=start_step, dynamic_ncols=True, unit="step")
+
+    def print(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def record(self, entry):
+        self.log.write(json.dumps(entry) + "\n")
+        self.log.flush()
+
+    def step(self, entry, show_line):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.1e}",
+                ms=f"{entry['ms_per_step']:.0f}", tok_s=f"{entry['tokens_per_s']:,.0f}",
+            )
+        if show_line:
+            self.record(entry)
+            if self.bar is None:
+                self.print(
+                    f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {entry['grad_norm']:.3f}, "
+                    f"lr {entry['lr']:.2e}, {entry['ms_per_step']:.0f} ms/step, {entry['tokens_per_s']:,.0f} tokens/s"
+                )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against step, from the log; returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    evals = {}
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if "val_loss" in entry:
+            evals[entry["step"]] = entry  # a resumed run overwrites the steps it repeats
+    steps = sorted(evals)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [evals[s]["train_loss"] for s in steps], label="train")
+    ax.plot(steps, [evals[s]["val_loss"] for s in steps], label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return True
