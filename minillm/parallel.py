@@ -35,7 +35,6 @@ class Workers:
     """A pool of `threads` threads that run NumPy work side by side (one thread: run in place)."""
 
     def __init__(self, threads):
-        self.threads = threads
         self._pool = None
         if threads > 1:
             from threadpoolctl import ThreadpoolController

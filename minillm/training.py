@@ -209,19 +209,21 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
                 )
             if model.dtype != backend.dtype_of(cfg.dtype):
                 raise ConfigError(f"{cfg.init_from} holds {model.dtype} parameters; use --dtype {model.dtype}")
-        optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        return model, optimizer, 0, math.inf
-    model, _, meta, optimizer_state = resumed
-    if not cfg.init_from and model.config != model_config:
-        raise ConfigError(
-            f"the checkpoint's model ({model.config}) differs from the options given; "
-            "resume with the options of that run"
-        )
-    if model.dtype != backend.dtype_of(cfg.dtype):
-        raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
+        start_step, best_val, optimizer_state = 0, math.inf, None
+    else:
+        model, _, meta, optimizer_state = resumed
+        if not cfg.init_from and model.config != model_config:
+            raise ConfigError(
+                f"the checkpoint's model ({model.config}) differs from the options given; "
+                "resume with the options of that run"
+            )
+        if model.dtype != backend.dtype_of(cfg.dtype):
+            raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
+        start_step, best_val = meta["step"], meta["best_val_loss"]
     optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    optimizer.load_state_dict(optimizer_state)
-    return model, optimizer, meta["step"], meta["best_val_loss"]
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    return model, optimizer, start_step, best_val
 
 
 # A non-finite loss or gradient is caught and reported with its step and layer;
