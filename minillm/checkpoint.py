@@ -3,7 +3,7 @@
 Layout inside the .npz (a zip of .npy arrays):
     meta.json           UTF-8 JSON as a uint8 array: format, config, dtype, tokenizer, step, ...
     params/NAME         every model parameter
-    adam_m/NAME         AdamW first moments   (when an optimizer is saved)
+    adam_m/NAME         AdamW first moments   (when an optimizer is saved; trainable parameters only)
     adam_v/NAME         AdamW second moments
 
 Loading uses numpy.load(allow_pickle=False), so a file can hold only plain
@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy
@@ -25,6 +26,7 @@ from minillm.model import GPT, GPTConfig
 
 FORMAT = "minillm-checkpoint"
 VERSION = 1
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(RuntimeError):
@@ -61,14 +63,52 @@ def save(path, model, tokenizer, optimizer=None, **meta):
     if optimizer is not None:
         state = optimizer.state_dict()
         header["optimizer_step"] = state["t"]
-        for name in model.params:
+        for name in state["m"]:
             arrays[f"adam_m/{name}"] = backend.to_host(state["m"][name])
             arrays[f"adam_v/{name}"] = backend.to_host(state["v"][name])
     arrays["meta.json"] = numpy.frombuffer(json.dumps(header).encode("utf-8"), dtype=numpy.uint8)
     try:
         atomic_write(path, lambda f: numpy.savez(f, **arrays))
     except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}") from None
+        kept = f"the previous {Path(path).name} is unchanged" if Path(path).exists() else "nothing was written"
+        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; {kept}") from None
+
+
+@contextmanager
+def exclusive(directory):
+    """Hold DIRECTORY/.lock while the block runs: a second run on the same folder fails at once.
+
+    The lock is an operating-system file lock (flock), which the system releases
+    when its process ends in any way, kill -9 included: no stale lock is left
+    behind. Where flock does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(directory) / LOCK_FILE
+    try:
+        lock = open(path, "a+")
+    except OSError as err:
+        raise CheckpointError(f"cannot write in the out dir {directory}: {err.strerror}; choose another --out-dir") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise CheckpointError(
+                f"the out dir {directory} is in use by another training run (process {holder or 'unknown'}); "
+                "wait for it to finish or choose another --out-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def read_arrays(path, meta_only=False):
@@ -112,10 +152,11 @@ def load(path, device="cpu"):
         p[...] = backend.to_device(stored, model.device)
     optimizer_state = None
     if "optimizer_step" in meta:
+        names = [name.removeprefix("adam_m/") for name in arrays if name.startswith("adam_m/")]
         optimizer_state = {
             "t": meta["optimizer_step"],
-            "m": {name: arrays[f"adam_m/{name}"] for name in model.params},
-            "v": {name: arrays[f"adam_v/{name}"] for name in model.params},
+            "m": {name: arrays[f"adam_m/{name}"] for name in names},
+            "v": {name: arrays.get(f"adam_v/{name}") for name in names},
         }
     return model, tokenizer, meta, optimizer_state
 

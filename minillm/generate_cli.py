@@ -96,6 +96,7 @@ def parse_args(argv=None):
                         "the end-of-text token, for tokenizers that have one, always ends a sample)")
     parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     for name in ("num_samples", "max_new_tokens"):
         value = getattr(args, name)
@@ -131,14 +132,18 @@ def main(argv=None):
     try:
         model, tokenizer = load_model(args)
     except (checkpoint.CheckpointError, backend.BackendError, hf.PretrainedError) as err:
-        return fail(err)
+        return fail(err, args.debug)
     try:
         prompt_ids = encode_prompt(tokenizer, args.prompt)
     except UnknownCharactersError as err:
         return fail(
             f"cannot encode the prompt: {err}; a character-level model knows only the characters of its "
-            "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text"
+            "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text",
+            args.debug,
         )
+    if len(prompt_ids) > model.config.block_size:
+        print(f"generate.py: note: the prompt has {len(prompt_ids)} tokens; the model sees only the last "
+              f"{model.config.block_size} (its context)", file=sys.stderr)
     try:
         print_samples(model, tokenizer, prompt_ids, args)
     except BrokenPipeError:
@@ -183,9 +188,13 @@ def load_model(args):
             "or pass --ckpt PATH, --out-dir DIR or --init-from GPT2_DIR"
         )
     model, tokenizer, _, _ = checkpoint.load(ckpt, device=device)
-    return model, tokenizer
+    # Merged adapters give the same logits, without forming the adapted weights at every token.
+    return (model.merged() if model.config.lora_rank else model), tokenizer
 
 
-def fail(message):
+def fail(message, debug):
+    """Print the one-line error (or, with --debug, raise the exception being handled) and return 1."""
+    if debug:
+        raise
     print(f"generate.py: error: {message}", file=sys.stderr)
     return 1

@@ -96,7 +96,7 @@ def randomize(params, seed, std=0.5):
 
 
 def model_gradient_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERANCE):
-    """{name: relative error} for every parameter of a float64 model on one batch.
+    """{name: relative error} for every trainable parameter of a float64 model on one batch.
 
     With dropout, the generator is reseeded before every forward pass, so all the
     perturbed passes draw the same masks as the analytic one.
@@ -107,7 +107,7 @@ def model_gradient_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERAN
 
     loss()
     analytic = model.backward()
-    return {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in model.params.items()}
+    return {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in model.trainable_params().items()}
 
 
 def parse_args(argv):
@@ -123,6 +123,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--no-bias", action="store_true", help="check the bias-free variant")
+    parser.add_argument("--lora-rank", type=int, default=0, help="check LoRA adapters of this rank instead")
+    parser.add_argument("--lora-targets", default="attn,mlp", help="the projections with adapters")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
@@ -136,6 +138,8 @@ def main(argv=None):
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
     )
     model = GPT(config, seed=args.seed, dtype="float64", device=args.device)
+    if args.lora_rank:
+        model = model.with_lora(args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
     randomize(model.params, args.seed)
     rng = numpy.random.default_rng(args.seed)
     shape = (args.batch_size, args.block_size)

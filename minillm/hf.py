@@ -314,8 +314,11 @@ def save_pretrained(model, directory, tokenizer=None):
     transformers' GPT2LMHeadModel.from_pretrained(directory) loads the result.
     GPT-2 always has biases: a model without them (config.bias False) is written
     with zero biases, which compute the same function, so it loads (as a model
-    with biases) with the same logits. Returns the directory as a Path.
+    with biases) with the same logits. LoRA adapters are merged into the weights
+    first (GPT-2 has no place for them). Returns the directory as a Path.
     """
+    if model.config.lora_rank:
+        model = model.merged()
     if tokenizer is not None and not isinstance(tokenizer, BPETokenizer):
         raise PretrainedError(
             f"a {type(tokenizer).__name__} has no GPT-2 file format; pass tokenizer=None to write the model alone"

@@ -17,13 +17,23 @@ attention layer's keys and values of the earlier positions kept in a KV cache
 
 Parameters live in one place, the dict `model.params`, under GPT-2's names
 (`h.0.attn.c_attn.weight`, ...), with every weight stored input-by-output.
+
+Fine-tuning options. Names in `model.frozen` do not train: backward returns no
+gradient for them and skips the work that only they need (a frozen linear layer's
+weight gradient; every block below the lowest one with something to train). With
+`config.lora_rank` r > 0 the chosen projections get LoRA adapters (layers/lora.py),
+`h.{i}.attn.c_attn.lora_a` (C, r) and `.lora_b` (r, 3C) and so on, and every forward
+pass uses w + (alpha / r) a @ b in place of their weight w.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from minillm import backend
-from minillm.layers import attention, cross_entropy, dropout, embedding, layernorm, linear, mlp
+from minillm.layers import attention, cross_entropy, dropout, embedding, layernorm, linear, lora, mlp
+
+# The projections each --lora-targets part adapts, in every block.
+LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
 
 
 class ConfigError(ValueError):
@@ -39,6 +49,9 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float = 8.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn"  # comma-separated parts of LORA_TARGETS
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -51,9 +64,25 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be 0 (no adapters) or a positive integer, got {self.lora_rank!r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        parts = self.lora_targets.split(",")
+        if not parts or any(part not in LORA_TARGETS for part in parts) or len(set(parts)) < len(parts):
+            raise ConfigError(
+                f"lora_targets must be {' or '.join(LORA_TARGETS)} or both, comma-separated, got {self.lora_targets!r}"
+            )
 
     def to_dict(self):
         return asdict(self)
+
+    def adapted_layers(self):
+        """Names of the linear layers with LoRA adapters (none when lora_rank is 0)."""
+        if not self.lora_rank:
+            return []
+        short = [name for part in self.lora_targets.split(",") for name in LORA_TARGETS[part]]
+        return [f"h.{i}.{name}" for i in range(self.n_layer) for name in short]
 
 
 def parameter_shapes(config):
@@ -75,23 +104,34 @@ def parameter_shapes(config):
         add(f"h.{i}.mlp.c_fc", C, 4 * C)
         add(f"h.{i}.mlp.c_proj", 4 * C, C)
     add("ln_f", C)
+    for layer in config.adapted_layers():  # after the rest, so adding adapters keeps the other names' order
+        n_in, n_out = shapes[layer + ".weight"]
+        shapes[layer + ".lora_a"] = (n_in, config.lora_rank)
+        shapes[layer + ".lora_b"] = (config.lora_rank, n_out)
     return shapes
 
 
-def init_params(config, rng, dtype):
+def init_params(config, rng, dtype, names=None):
     """GPT-2 initialisation: weights ~ N(0, 0.02^2), biases 0, LayerNorm gains 1.
 
     The projections that write into the residual stream (attn.c_proj, mlp.c_proj)
     get std 0.02 / sqrt(2 * n_layer): 2 * n_layer of them add up along the
     residual path, and this keeps the variance of their sum independent of depth.
+    LoRA adapters: a ~ N(0, 1 / n_in), so x @ a keeps the scale of x, and b = 0,
+    so the adapted weight starts equal to the pretrained one.
+    `names` limits the initialisation to those parameters (default: all of them).
     """
     xp = rng.xp
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     params = {}
     for name, shape in parameter_shapes(config).items():
+        if names is not None and name not in names:
+            continue
         if name.startswith("ln") or ".ln_" in name:
             params[name] = (xp.ones if name.endswith("weight") else xp.zeros)(shape, dtype=dtype)
-        elif name.endswith("bias"):
+        elif name.endswith("lora_a"):
+            params[name] = rng.normal(shape, 1.0 / math.sqrt(shape[0]), dtype)
+        elif name.endswith("bias") or name.endswith("lora_b"):
             params[name] = xp.zeros(shape, dtype=dtype)
         else:
             std = residual_std if name.endswith("c_proj.weight") else 0.02
@@ -121,28 +161,34 @@ def block_forward(x, params, prefix, n_head, dropout_p, rng, kv_cache=None):
     return x, (ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp)
 
 
-def block_backward(dx, cache, prefix):
-    """Gradient of one block: returns (dx_in, {param name: gradient})."""
+def block_backward(dx, cache, prefix, needed):
+    """Gradient of one block: returns (dx_in, {param name: gradient}) for the names in `needed`.
+
+    The attention's and the MLP's weight gradients are computed only when one of
+    their parameters is needed: frozen layers pass the gradient on and nothing more.
+    """
     ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp = cache
     names = lambda *short: [prefix + s for s in short]
     grads = {}
 
     # x_out = x_mid + dropout(mlp(ln_2(x_mid))): dx flows straight through and through the branch.
     dm = dropout.backward(dx, drop_mlp)
-    dh, *dmlp = mlp.backward(dm, mlp_cache)
-    grads.update(zip(names("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"), dmlp))
+    mlp_names = names("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
+    dh, *dmlp = mlp.backward(dm, mlp_cache, weight_grads=not needed.isdisjoint(mlp_names))
+    grads.update(zip(mlp_names, dmlp))
     dh, *dln = layernorm.backward(dh, ln_2)
     grads.update(zip(names("ln_2.weight", "ln_2.bias"), dln))
     dx = dx + dh
 
     # x_mid = x_in + dropout(attention(ln_1(x_in))): the same pattern.
     da = dropout.backward(dx, drop_attn)
-    dh, *dattn = attention.backward(da, attn)
-    grads.update(zip(names("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias"), dattn))
+    attn_names = names("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias")
+    dh, *dattn = attention.backward(da, attn, weight_grads=not needed.isdisjoint(attn_names))
+    grads.update(zip(attn_names, dattn))
     dh, *dln = layernorm.backward(dh, ln_1)
     grads.update(zip(names("ln_1.weight", "ln_1.bias"), dln))
     dx = dx + dh
-    return dx, {name: g for name, g in grads.items() if g is not None}
+    return dx, {name: g for name, g in grads.items() if g is not None and name in needed}
 
 
 class GPT:
@@ -156,16 +202,22 @@ class GPT:
         kv_cache = model.new_kv_cache(B)     # sampling: run the prompt once,
         logits = model.decode(prompt, kv_cache)          # then one token at a time
         logits = model.decode(next_ids[:, None], kv_cache)
+
+        model.frozen = {"wte.weight", ...}   # these get no gradient (and no optimizer state)
+        lora_model = model.with_lora(rank=8)  # adapters on the attention projections; only they train
+        plain = lora_model.merged()           # adapters folded into the weights: the same logits
     """
 
-    def __init__(self, config, seed=0, dtype="float32", device="cpu"):
+    def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None):
+        """`params` (name -> array of this dtype on this device) replaces the random initial weights."""
         self.config = config
         self.dtype = backend.dtype_of(dtype)
         self.device = backend.resolve_device(device)
         self.xp = backend.array_module(self.device)
         # One seeded generator on the model's device: first the initial weights, then dropout masks.
         self.rng = backend.RNG(seed, self.device)
-        self.params = init_params(config, self.rng, self.dtype)
+        self.params = init_params(config, self.rng, self.dtype) if params is None else params
+        self.frozen = set()
         self.training = True
         self._cache = None
 
@@ -193,6 +245,49 @@ class GPT:
         """Parameter count; the tied wte is counted once, as in GPT-2's 124M."""
         return sum(int(p.size) for p in self.params.values())
 
+    def trainable_params(self):
+        """name -> parameter for every parameter not in self.frozen: what an optimizer should update."""
+        return {name: p for name, p in self.params.items() if name not in self.frozen}
+
+    def with_lora(self, rank, alpha=8.0, targets="attn", seed=0):
+        """A model with this one's weights plus fresh LoRA adapters, in which only the adapters train.
+
+        The new model shares this one's arrays. Its adapters start with b = 0, so
+        its logits equal this model's until they are trained.
+        """
+        if self.config.lora_rank:
+            raise ConfigError("this model already has LoRA adapters; merge them first (model.merged())")
+        config = replace(self.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+        adapters = [name for name in parameter_shapes(config) if name not in self.params]
+        params = self.params | init_params(config, backend.RNG(seed, self.device), self.dtype, names=adapters)
+        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params)
+        model.frozen = set(self.params)
+        return model.train(self.training)
+
+    def merged(self):
+        """A plain model (no adapters) whose weights are the adapted ones, w + (alpha / r) a @ b.
+
+        It computes the very same weights as the adapted model's forward pass, so
+        its logits are identical. Weights without adapters are shared, not copied.
+        """
+        adapted, _ = self.adapted_params()
+        config = replace(self.config, lora_rank=0)
+        params = {name: adapted[name] for name in parameter_shapes(config)}
+        return GPT(config, dtype=self.dtype, device=self.device, params=params).train(self.training)
+
+    def adapted_params(self):
+        """(the parameters a forward pass uses, the LoRA caches): each adapted weight w is replaced
+        by lora.forward(w, a, b, alpha / r); without adapters, model.params itself."""
+        layers = self.config.adapted_layers()
+        if not layers:
+            return self.params, {}
+        scale = self.config.lora_alpha / self.config.lora_rank
+        params, caches = dict(self.params), {}
+        for layer in layers:
+            w, a, b = (params[f"{layer}.{kind}"] for kind in ("weight", "lora_a", "lora_b"))
+            params[f"{layer}.weight"], caches[layer] = lora.forward(w, a, b, scale)
+        return params, caches
+
     def _token_array(self, ids):
         """Integer ids on the model's device (the one host-to-device copy of a batch)."""
         return self.xp.asarray(ids)
@@ -211,7 +306,8 @@ class GPT:
         It changes nothing in the model, so several threads may run it at once on
         different batches, each with its own dropout generator `rng`.
         """
-        cfg, p = self.config, self.params
+        cfg = self.config
+        p, lora_caches = self.adapted_params()
         idx = self._token_array(idx)
         dropout_p = cfg.dropout if self.training else 0.0
         rng = rng if dropout_p > 0.0 else None
@@ -240,7 +336,7 @@ class GPT:
                     f"got {int(targets[outside][0])}"
                 )
             loss, loss_cache = cross_entropy.forward(logits, targets)
-        return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache)
+        return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache, lora_caches)
 
     def new_kv_cache(self, batch_size):
         """Empty key/value buffers for decode(): per layer, k and v of shape (B, n_head, block_size, hs)."""
@@ -266,8 +362,10 @@ class GPT:
         no dropout and nothing is kept for backward(). Token ids are not checked
         here (that costs a device sync each step): check a prompt once with
         embedding.check_token_ids; sampled ids are in range by construction.
+        A model with LoRA adapters forms its adapted weights at every call: merge
+        it first (merged()) to sample quickly.
         """
-        cfg, p = self.config, self.params
+        cfg, (p, _) = self.config, self.adapted_params()
         idx = self._token_array(idx)
         start, T = kv_cache[0].length, idx.shape[1]
         if start + T > cfg.block_size:
@@ -288,23 +386,46 @@ class GPT:
         return self.backward_from_cache(self._cache, dlogits)
 
     def backward_from_cache(self, cache, dlogits=None):
-        """backward() for a cache from forward_with_cache(); like it, safe to run in several threads."""
-        emb_cache, emb_drop, blocks, ln_f, head, loss_cache = cache
+        """backward() for a cache from forward_with_cache(); like it, safe to run in several threads.
+
+        Returns the gradients of the trainable parameters only (those not in
+        self.frozen), and computes no more than they need: the backward pass stops
+        below the lowest block that holds something to train.
+        """
+        emb_cache, emb_drop, blocks, ln_f, head, loss_cache, lora_caches = cache
         if dlogits is None:
             if loss_cache is None:
                 raise RuntimeError("backward() without dlogits needs a forward() with targets")
             dlogits = cross_entropy.backward(1.0, loss_cache)
+        needed = self._needed_gradients()
+        embeddings_train = "wte.weight" in needed or "wpe.weight" in needed
 
         grads = {}
-        dx, dwte_head, _ = linear.backward(dlogits, head)
-        dx, grads["ln_f.weight"], dbias = layernorm.backward(dx, ln_f)
-        if dbias is not None:
-            grads["ln_f.bias"] = dbias
-        for i in reversed(range(self.config.n_layer)):
-            dx, block_grads = block_backward(dx, blocks[i], f"h.{i}.")
+        dx, dwte_head, _ = linear.backward(dlogits, head, weight_grads="wte.weight" in needed)
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm.backward(dx, ln_f)
+        lowest = 0 if embeddings_train else min(
+            (int(name.split(".")[1]) for name in needed if name.startswith("h.")), default=self.config.n_layer
+        )
+        for i in reversed(range(lowest, self.config.n_layer)):
+            dx, block_grads = block_backward(dx, blocks[i], f"h.{i}.", needed)
             grads.update(block_grads)
-        dx = dropout.backward(dx, emb_drop)
-        dwte_embed, grads["wpe.weight"] = embedding.backward(dx, emb_cache)
-        # wte is used twice, as the embedding table and (transposed) as the LM head.
-        grads["wte.weight"] = dwte_embed + dwte_head.T
-        return {name: grads[name] for name in self.params}
+        if embeddings_train:
+            dx = dropout.backward(dx, emb_drop)
+            dwte_embed, grads["wpe.weight"] = embedding.backward(dx, emb_cache)
+            # wte is used twice, as the embedding table and (transposed) as the LM head.
+            grads["wte.weight"] = dwte_embed if dwte_head is None else dwte_embed + dwte_head.T
+        # An adapted weight's gradient G becomes its adapters' gradients.
+        for layer, lora_cache in lora_caches.items():
+            if f"{layer}.weight" in grads:
+                G = grads.pop(f"{layer}.weight")
+                grads[f"{layer}.weight"], grads[f"{layer}.lora_a"], grads[f"{layer}.lora_b"] = lora.backward(G, lora_cache)
+        return {name: grads[name] for name in self.params if name not in self.frozen}
+
+    def _needed_gradients(self):
+        """Names whose gradients backward must form: the trainable parameters, and each adapted
+        weight whose adapters train (lora.backward turns its gradient into theirs)."""
+        needed = set(self.trainable_params())
+        for layer in self.config.adapted_layers():
+            if f"{layer}.lora_a" in needed or f"{layer}.lora_b" in needed:
+                needed.add(f"{layer}.weight")
+        return needed

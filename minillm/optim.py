@@ -62,11 +62,16 @@ class AdamW:
         return {"t": self.t, "m": self.m, "v": self.v}
 
     def load_state_dict(self, state):
+        """Restore moments saved by state_dict(); they must cover exactly this optimizer's parameters."""
+        if set(state["m"]) != set(self.params) or set(state["v"]) != set(self.params):
+            raise ValueError("the saved optimizer state is for a different set of parameters")
         self.t = int(state["t"])
         for name in self.params:
             xp = get_array_module(self.m[name])
-            self.m[name][...] = xp.asarray(state["m"][name])
-            self.v[name][...] = xp.asarray(state["v"][name])
+            for mine, saved in ((self.m[name], state["m"][name]), (self.v[name], state["v"][name])):
+                if saved is None or saved.shape != mine.shape:
+                    raise ValueError(f"the saved optimizer state of {name} is missing or has the wrong shape")
+                mine[...] = xp.asarray(saved)
 
 
 def clip_grad_norm(grads, max_norm):

@@ -20,10 +20,18 @@ from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, TrainingErro
 HELP = {
     "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",
     "dataset": "a named corpus downloaded once into the cache folder: shakespeare",
+    "sft": "fine-tune on prompt/completion pairs, loss on the completions only: a JSONL file of "
+    '{"prompt": ..., "completion": ...} lines, or a built-in task: addition',
     "out_dir": "folder for checkpoints, token files, log and loss curve",
     "resume": "continue the run saved in OUT_DIR/last.npz",
     "init_from": "start from pretrained weights, a minillm checkpoint or a Hugging Face GPT-2 directory "
     "(its model shape and tokenizer; a fresh optimizer and schedule)",
+    "freeze_embeddings": "fine-tuning: do not train the token and position embeddings (nor the LM head, tied to them)",
+    "freeze_blocks": "fine-tuning: do not train the first K transformer blocks",
+    "lora_rank": "fine-tuning: train LoRA adapters of this rank instead of the weights (0: off)",
+    "lora_alpha": "LoRA scale: the adapters' update is multiplied by alpha / rank",
+    "lora_targets": "the projections that get LoRA adapters: attn (c_attn and c_proj), mlp, or attn,mlp",
+    "merge_lora": "after training, also write OUT_DIR/merged.npz: the best checkpoint with the adapters folded in",
     "n_layer": "transformer blocks",
     "n_head": "attention heads (must divide --n-embd)",
     "n_embd": "embedding width",
@@ -43,6 +51,7 @@ HELP = {
     "grad_clip": "clip the global gradient norm to this value (0: no clipping)",
     "eval_interval": "steps between evaluations (losses, sample, best checkpoint)",
     "eval_iters": "batches per split in each evaluation",
+    "patience": "stop after this many evaluations without a better val loss (0: never)",
     "save_interval": "steps between saves of the resume state",
     "log_interval": "steps between progress lines",
     "sample_tokens": "tokens in the final sample",

@@ -1,8 +1,17 @@
-"""Pretraining: data -> model -> loss -> backward -> AdamW, with evaluation, logs and checkpoints.
+"""Training: data -> model -> loss -> backward -> AdamW, with evaluation, logs and checkpoints.
 
-Each step averages the gradients of `grad_accum` micro-batches (each the mean over
-its own tokens, so the average equals the gradient of the whole batch), clips them
-by global norm, and takes one AdamW step at the warmup + cosine learning rate.
+Pretraining and fine-tuning share this loop. Each step averages the gradients of
+`grad_accum` micro-batches (each the mean over its own counted targets), clips
+them by global norm, and takes one AdamW step at the warmup + cosine learning rate.
+
+Fine-tuning starts from --init-from (a checkpoint or a GPT-2 directory) with a
+fresh optimizer and schedule, and may
+    freeze the embeddings (and so the tied LM head) or the first k blocks,
+    train LoRA adapters instead of the weights (--lora-rank; --merge-lora also
+        writes merged.npz, the best checkpoint with the adapters folded in),
+    learn from prompt/completion pairs with the loss on completions only (--sft),
+    stop early after --patience evaluations without a better validation loss.
+Frozen parameters get no optimizer state.
 
 Randomness is counter-based: the batches and the dropout masks of step k come
 from generators seeded with (seed, k). Resuming at step k therefore needs no saved
@@ -11,6 +20,7 @@ generator state, and a resumed run repeats an uninterrupted one exactly.
 The out dir holds:
     ckpt.npz     the best model so far (lowest validation loss)
     last.npz     the latest state, for --resume (parameters, AdamW moments, step)
+    merged.npz   with --merge-lora: ckpt.npz with its adapters merged
     train.bin, val.bin   the token files
     log.jsonl    one JSON object per progress line and per evaluation
     loss.png     the loss curves (when matplotlib is installed)
@@ -24,7 +34,7 @@ from pathlib import Path
 
 import numpy
 
-from minillm import backend, checkpoint, data, parallel
+from minillm import backend, checkpoint, data, parallel, sft
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.progress import PLOT_FILE, Progress, plot_losses
@@ -33,6 +43,7 @@ from minillm.tokenizers.char import CharTokenizer
 
 BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
+MERGED_CHECKPOINT = "merged.npz"
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
@@ -48,9 +59,16 @@ class TrainConfig:
 
     data: str = ""
     dataset: str = ""
+    sft: str = ""
     out_dir: str = "out"
     resume: bool = False
     init_from: str = ""
+    freeze_embeddings: bool = False
+    freeze_blocks: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_targets: str = "attn"
+    merge_lora: bool = False
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -70,6 +88,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_iters: int = 20
+    patience: int = 0  # 0: no early stopping
     save_interval: int = 250
     log_interval: int = 50
     sample_tokens: int = 200
@@ -105,6 +124,7 @@ def validate(cfg):
     positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
     non_negative = (
         "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip", "threads",
+        "patience", "freeze_blocks", "lora_rank",
     )
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -117,19 +137,42 @@ def validate(cfg):
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.data and cfg.dataset:
-        raise ConfigError("--data and --dataset name two corpora: give one of them")
+    if sum(map(bool, (cfg.data, cfg.dataset, cfg.sft))) > 1:
+        raise ConfigError("--data, --dataset and --sft name different training data: give one of them")
+    fine_tuning = ("freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")
+    for name in fine_tuning:
+        if getattr(cfg, name) and not cfg.init_from:
+            raise ConfigError(f"--{name.replace('_', '-')} fine-tunes a pretrained model: give --init-from too")
+    if cfg.merge_lora and not cfg.lora_rank:
+        raise ConfigError("--merge-lora merges LoRA adapters: give --lora-rank too")
     backend.dtype_of(cfg.dtype)
 
 
 def load_corpus(cfg):
-    """(text, description) of the corpus the options name; the built-in one by default."""
+    """(text, description, examples) of the data the options name; the built-in corpus by default.
+
+    examples are --sft's (line, prompt, completion)s, and text then all their text; else None.
+    """
+    if cfg.sft:
+        examples, description = sft.load_examples(cfg.sft)
+        return sft.corpus_text(examples), description, examples
     if cfg.dataset:
         path = data.fetch_dataset(cfg.dataset)
-        return data.read_text(path), f"{cfg.dataset} ({path})"
+        return data.read_text(path), f"{cfg.dataset} ({path})", None
     if cfg.data:
-        return data.read_text(cfg.data), cfg.data
-    return data.builtin_corpus(), "built-in (Python documentation topics)"
+        return data.read_text(cfg.data), cfg.data, None
+    return data.builtin_corpus(), "built-in (Python documentation topics)", None
+
+
+def prepare_batches(cfg, text, examples, tokenizer, out_dir):
+    """(train split, val split, what they hold, batch(split, rng) -> (x, y)) for text or --sft examples."""
+    if examples is None:
+        train_split, val_split = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size)
+        summary = f"{len(text):,} characters, {len(train_split):,} train and {len(val_split):,} val tokens"
+        return train_split, val_split, summary, lambda split, rng: data.get_batch(split, cfg.batch_size, cfg.block_size, rng)
+    train_split, val_split = sft.prepare_splits(examples, tokenizer, cfg.block_size, cfg.sft)
+    summary = f"{len(train_split):,} train and {len(val_split):,} val prompt/completion pairs"
+    return train_split, val_split, summary, lambda split, rng: sft.get_batch(split, cfg.batch_size, rng)
 
 
 def estimate_loss(model, batches, workers):
@@ -161,16 +204,17 @@ def describe_nonfinite(loss, grads):
     return "the gradient norm overflowed"
 
 
-def step_gradients(model, tokens, cfg, step, workers, device):
-    """(mean loss, mean gradients) over the step's grad_accum micro-batches of batch_size windows.
+def step_gradients(model, train_split, batch, cfg, step, workers, device):
+    """(mean loss, mean gradients, tokens) over the step's grad_accum micro-batches batch(train_split, rng).
 
     The micro-batches, and each thread's dropout masks, come from generators
     seeded with the step: the same step always sees the same data and masks.
     """
     batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
-    total_loss, grads = 0.0, None
+    total_loss, grads, tokens = 0.0, None, 0
     for micro in range(cfg.grad_accum):
-        x, y = data.get_batch(tokens, cfg.batch_size, cfg.block_size, batch_rng)
+        x, y = batch(train_split, batch_rng)
+        tokens += x.size
         rngs = [backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro, shard), device)
                 for shard in range(cfg.threads)]
         loss, micro_grads = parallel.loss_and_gradients(model, x, y, rngs, workers)
@@ -183,15 +227,34 @@ def step_gradients(model, tokens, cfg, step, workers, device):
     if cfg.grad_accum > 1:
         for g in grads.values():
             g *= 1.0 / cfg.grad_accum
-    return total_loss / cfg.grad_accum, grads
+    return total_loss / cfg.grad_accum, grads, tokens
+
+
+def frozen_names(model, cfg):
+    """The parameters that do not train: with LoRA adapters every one but them; the embeddings
+    (wte, which is also the LM head, and wpe) with --freeze-embeddings; the first k blocks' with --freeze-blocks k."""
+    n_layer = model.config.n_layer
+    if cfg.freeze_blocks > n_layer:
+        raise ConfigError(f"--freeze-blocks {cfg.freeze_blocks} exceeds the model's {n_layer} blocks")
+    in_frozen_block = lambda name: name.startswith("h.") and int(name.split(".")[1]) < cfg.freeze_blocks
+    is_adapter = lambda name: name.endswith((".lora_a", ".lora_b"))
+    frozen = {
+        name for name in model.params
+        if (model.config.lora_rank and not is_adapter(name)) or in_frozen_block(name)
+        or (cfg.freeze_embeddings and name in ("wte.weight", "wpe.weight"))
+    }
+    if frozen == set(model.params):
+        raise ConfigError("the freeze options leave no parameter to train; freeze fewer blocks")
+    return frozen
 
 
 def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
-    """(model, optimizer, start step, best val loss): fresh, from pretrained weights, or from last.npz.
+    """(model, optimizer, start step, best val loss, evaluations since the best): fresh, from
+    pretrained weights, or from last.npz.
 
     A pretrained model keeps its own shape (the model options are ignored) and
     trains with windows of --block-size tokens, at most its context; it starts
-    with a fresh optimizer and schedule.
+    with a fresh optimizer and schedule, and with fresh LoRA adapters when asked.
     """
     model_config = GPTConfig(
         vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -209,7 +272,11 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
                 )
             if model.dtype != backend.dtype_of(cfg.dtype):
                 raise ConfigError(f"{cfg.init_from} holds {model.dtype} parameters; use --dtype {model.dtype}")
-        start_step, best_val, optimizer_state = 0, math.inf, None
+            if cfg.lora_rank:
+                if model.config.lora_rank:
+                    raise ConfigError(f"{cfg.init_from} already has LoRA adapters; fine-tune its merged.npz instead")
+                model = model.with_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+        start_step, best_val, since_best, optimizer_state = 0, math.inf, 0, None
     else:
         model, _, meta, optimizer_state = resumed
         if not cfg.init_from and model.config != model_config:
@@ -219,11 +286,15 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
             )
         if model.dtype != backend.dtype_of(cfg.dtype):
             raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
-        start_step, best_val = meta["step"], meta["best_val_loss"]
-    optimizer = AdamW(model.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        start_step, best_val, since_best = meta["step"], meta["best_val_loss"], meta.get("evals_since_best", 0)
+    model.frozen = frozen_names(model, cfg)
+    optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    return model, optimizer, start_step, best_val
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except ValueError as err:
+            raise ConfigError(f"{LAST_CHECKPOINT}: {err}; resume with the freeze and LoRA options of that run") from None
+    return model, optimizer, start_step, best_val, since_best
 
 
 # A non-finite loss or gradient is caught and reported with its step and layer;
@@ -240,33 +311,39 @@ def train(cfg):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
+    with checkpoint.exclusive(out_dir):
+        return run(cfg, device, out_dir)
 
-    text, corpus_name = load_corpus(cfg)
+
+def run(cfg, device, out_dir):
+    """The training run of train(), once the options are checked and the out dir is ours."""
+    text, corpus_name, examples = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
-    train_tokens, val_tokens = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size)
-    model, optimizer, start_step, best_val = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
+    train_split, val_split, data_summary, batch = prepare_batches(cfg, text, examples, tokenizer, out_dir)
+    model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
 
     eval_rng = stream_rng(cfg.seed, EVAL_STREAM, 0)
     # The same evaluation batches every time, so successive evaluations are comparable.
     eval_batches = {
-        name: [data.get_batch(tokens, cfg.batch_size, cfg.block_size, eval_rng) for _ in range(cfg.eval_iters)]
-        for name, tokens in (("train", train_tokens), ("val", val_tokens))
+        name: [batch(split, eval_rng) for _ in range(cfg.eval_iters)]
+        for name, split in (("train", train_split), ("val", val_split))
     }
     best_path, last_path = out_dir / BEST_CHECKPOINT, out_dir / LAST_CHECKPOINT
+    trainable = sum(int(p.size) for p in model.trainable_params().values())
     print(
-        f"corpus: {corpus_name}, {len(text):,} characters, {len(train_tokens):,} train and "
-        f"{len(val_tokens):,} val tokens, vocabulary {tokenizer.vocab_size}\n"
-        f"model: {model.num_params():,} parameters on {device} ({cfg.dtype}, {cfg.threads} threads)"
-        + (f"; resuming at step {start_step}" if start_step else "")
+        f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
+        f"model: {model.num_params():,} parameters, {trainable:,} trainable "
+        f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device} "
+        f"({cfg.dtype}, {cfg.threads} threads)" + (f"; resuming at step {start_step}" if start_step else "")
     )
 
     def save(path, step, **extra):
         checkpoint.save(
             path, model, tokenizer, optimizer,
-            step=step, best_val_loss=best_val, train_config=asdict(cfg), **extra,
+            step=step, best_val_loss=best_val, evals_since_best=since_best, train_config=asdict(cfg), **extra,
         )
 
     stop_requested = False
@@ -277,11 +354,12 @@ def train(cfg):
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
+    started_run = time.perf_counter()
     progress = Progress(cfg, start_step, out_dir)
     workers = parallel.Workers(cfg.threads)
     plotted = True
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    step_seconds = []
+    step_seconds, step_tokens = [], 0
+    stopped_early = False
     try:
         for step in range(start_step, cfg.max_iters + 1):
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
@@ -293,11 +371,19 @@ def train(cfg):
                     f"  sample: {sample!r}"
                 )
                 if losses["val"] < best_val:
-                    best_val = losses["val"]
+                    best_val, since_best = losses["val"], 0
                     save(best_path, step, val_loss=best_val)
+                elif step > start_step:
+                    since_best += 1
                 plotted = plot_losses(progress.log_path, out_dir / PLOT_FILE)
-            if (step % cfg.save_interval == 0 and step > start_step) or step == cfg.max_iters:
+                stopped_early = cfg.patience and since_best >= cfg.patience
+            if (step % cfg.save_interval == 0 and step > start_step) or step == cfg.max_iters or stopped_early:
                 save(last_path, step)
+            if stopped_early:
+                progress.print(
+                    f"early stop at step {step}: no better val loss in {since_best} evaluations (--patience {cfg.patience})"
+                )
+                break
             if step == cfg.max_iters:
                 break
             if stop_requested:
@@ -307,7 +393,7 @@ def train(cfg):
 
             started = time.perf_counter()
             lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-            loss, grads = step_gradients(model, train_tokens, cfg, step, workers, device)
+            loss, grads, tokens = step_gradients(model, train_split, batch, cfg, step, workers, device)
             grad_norm = float(clip_grad_norm(grads, cfg.grad_clip))
             loss = float(loss)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -317,16 +403,17 @@ def train(cfg):
                 )
             optimizer.step(grads, lr=lr)
             step_seconds.append(time.perf_counter() - started)
+            step_tokens += tokens
 
             show = (step + 1) % cfg.log_interval == 0 or step == start_step
-            seconds = sum(step_seconds) / len(step_seconds)
+            seconds = sum(step_seconds)
             progress.step(
                 {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                 "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_step / seconds},
+                 "ms_per_step": 1000 * seconds / len(step_seconds), "tokens_per_s": step_tokens / seconds},
                 show,
             )
             if show:
-                step_seconds = []
+                step_seconds, step_tokens = [], 0
     finally:
         workers.close()
         progress.close()
@@ -335,10 +422,18 @@ def train(cfg):
     best_model, _, meta, _ = checkpoint.load(best_path, device=device)
     print(
         f"\nfinal: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
-        f"best val loss {meta['val_loss']:.4f} at step {meta['step']}"
+        f"best val loss {meta['val_loss']:.4f} at step {meta['step']}\n"
+        f"trained: steps {start_step} to {step} in {time.perf_counter() - started_run:.1f} s"
     )
+    if cfg.lora_rank:
+        best_model = best_model.merged()
     print("sample from the best checkpoint:\n" + sample_text(best_model, tokenizer, cfg.sample_tokens, cfg.seed))
     print(f"\ncheckpoint: {best_path} (resume state: {last_path})")
+    if cfg.merge_lora:
+        merged_path = out_dir / MERGED_CHECKPOINT
+        checkpoint.save(merged_path, best_model, tokenizer, step=meta["step"], val_loss=meta["val_loss"],
+                        train_config=asdict(cfg))
+        print(f"LoRA adapters merged into the weights: {merged_path}")
     print(f"log: {progress.log_path}" + (f", loss curve: {out_dir / PLOT_FILE}" if plotted else
           " (install matplotlib for a loss-curve picture: pip install -e '.[plots]')"))
     print(f"sample from it: python generate.py --ckpt {best_path}")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_gradients_match
 from minillm import backend, gradcheck
-from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
+from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, lora, mlp, softmax
 
 B = st.integers(1, 3)
 T = st.integers(1, 5)
@@ -44,6 +44,17 @@ def test_linear(B, T, n_in, n_out, bias, seed):
     rng = numpy.random.default_rng(seed)
     inputs = dict(x=normal(rng, B, T, n_in), w=normal(rng, n_in, n_out), b=normal(rng, n_out) if bias else None)
     check(linear.forward, linear.backward, inputs, ["x", "w", "b"], seed)
+
+
+@given(n_in=WIDTH, n_out=WIDTH, rank=st.integers(1, 3), scale=st.floats(0.1, 4.0), seed=SEED)
+def test_lora(n_in, n_out, rank, scale, seed):
+    rng = numpy.random.default_rng(seed)
+    inputs = dict(w=normal(rng, n_in, n_out), a=normal(rng, n_in, rank), b=normal(rng, rank, n_out))
+
+    def forward(w, a, b):
+        return lora.forward(w, a, b, scale)
+
+    assert_gradients_match(forward, lora.backward, inputs, ["w", "a", "b"], seed)
 
 
 # From C = 3. With C = 2, x_hat = +-d / sqrt(d^2 + eps) (d = half the difference of the two

@@ -3,8 +3,9 @@
 gradcheck.model_gradient_errors on hypothesis-drawn float64 configs (dropout on and
 off, with and without biases, one to three heads, sequence length 1, vocabulary 2),
 after gradcheck.randomize; every parameter's error must be <= gradcheck.TOLERANCE.
-`python -m minillm.gradcheck` must pass on a small model and fail (exit 1) when
-the tolerance is impossible.
+The same holds for LoRA adapters (whose base weights are frozen, so the adapters are
+what backward returns). `python -m minillm.gradcheck` must pass on a small model and
+fail (exit 1) when the tolerance is impossible.
 """
 
 import subprocess
@@ -51,6 +52,21 @@ def test_model_gradients_match_finite_differences(config, batch_size, data, seed
     assert not bad, f"relative errors above {gradcheck.TOLERANCE}: {bad}"
 
 
+@settings(max_examples=6, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(config=configs(), rank=st.integers(1, 3), targets=st.sampled_from(["attn", "mlp", "attn,mlp"]),
+       seed=st.integers(0, 2**16))
+def test_lora_adapter_gradients_match_finite_differences(config, rank, targets, seed):
+    model = GPT(config, seed=seed, dtype="float64").with_lora(rank, alpha=2.0, targets=targets, seed=seed)
+    gradcheck.randomize(model.params, seed)  # b != 0, so that a's gradient is not zero
+    idx = random_tokens(config.vocab_size, (2, config.block_size), seed)
+    targets_ids = random_tokens(config.vocab_size, (2, config.block_size), seed + 1)
+    errors = gradcheck.model_gradient_errors(model, idx, targets_ids, dropout_seed=seed)
+    assert errors and all(name.endswith((".lora_a", ".lora_b")) for name in errors)
+    assert len(errors) == 2 * len(model.config.adapted_layers())
+    bad = {name: f"{e:.2e}" for name, e in errors.items() if not e <= gradcheck.TOLERANCE}
+    assert not bad, f"relative errors above {gradcheck.TOLERANCE}: {bad}"
+
+
 def run_gradcheck(*flags):
     small = ["--vocab-size", "5", "--block-size", "3", "--n-layer", "1", "--n-embd", "6", "--batch-size", "1"]
     return subprocess.run([sys.executable, "-m", "minillm.gradcheck", *small, *flags], capture_output=True, text=True)
@@ -63,3 +79,5 @@ def test_gradcheck_command_passes_and_can_fail():
     failing = run_gradcheck("--tolerance", "1e-30")
     assert failing.returncode == 1, failing.stdout + failing.stderr
     assert " 0 failed" not in failing.stdout and "FAIL" in failing.stdout
+    adapters = run_gradcheck("--lora-rank", "2")
+    assert adapters.returncode == 0 and "lora_b" in adapters.stdout, adapters.stdout + adapters.stderr

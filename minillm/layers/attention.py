@@ -21,6 +21,7 @@ backward: dy, dw_proj, db_proj = linear.backward(dout)
           dS  = softmax.backward(dP)                         (0 wherever P is 0: the mask)
           dq  = dS @ k / sqrt(hs) dk = dS^T @ q / sqrt(hs)   (S = q k^T / sqrt(hs))
           dx, dw_attn, db_attn = linear.backward(concat(dq, dk, dv) -> (B, T, 3C))
+          weight_grads=False (frozen weights) skips the four weight and bias gradients.
 
 decoding with a key/value cache (inference only: no backward):
           A position's k and v depend only on it and on earlier positions, so they
@@ -121,13 +122,13 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     return out, cache
 
 
-def backward(dout, cache):
+def backward(dout, cache, weight_grads=True):
     """Returns (dx, dw_attn, db_attn, dw_proj, db_proj)."""
     qkv_cache, q, k, v, Pd, softmax_cache, dropout_cache, proj_cache, scale = cache
     xp = get_array_module(dout)
     n_head = q.shape[1]
 
-    dy, dw_proj, db_proj = linear.backward(dout, proj_cache)
+    dy, dw_proj, db_proj = linear.backward(dout, proj_cache, weight_grads)
     dY = split_heads(dy, n_head)
     dPd = dY @ v.transpose(0, 1, 3, 2)
     dv = Pd.transpose(0, 1, 3, 2) @ dY
@@ -137,5 +138,5 @@ def backward(dout, cache):
     dq = dS @ k
     dk = dS.transpose(0, 1, 3, 2) @ q
     dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
-    dx, dw_attn, db_attn = linear.backward(dqkv, qkv_cache)
+    dx, dw_attn, db_attn = linear.backward(dqkv, qkv_cache, weight_grads)
     return dx, dw_attn, db_attn, dw_proj, db_proj

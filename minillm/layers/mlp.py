@@ -11,6 +11,7 @@ backward: the chain rule through the same three steps, in reverse:
           dg, dw_proj, db_proj = linear.backward(dout)
           dh                   = gelu.backward(dg)
           dx, dw_fc, db_fc     = linear.backward(dh)
+          weight_grads=False (frozen weights) skips dw and db: only dx is returned non-None.
 """
 
 from minillm.layers import gelu, linear
@@ -23,10 +24,10 @@ def forward(x, w_fc, b_fc, w_proj, b_proj):
     return out, (fc_cache, gelu_cache, proj_cache)
 
 
-def backward(dout, cache):
+def backward(dout, cache, weight_grads=True):
     """Returns (dx, dw_fc, db_fc, dw_proj, db_proj)."""
     fc_cache, gelu_cache, proj_cache = cache
-    dg, dw_proj, db_proj = linear.backward(dout, proj_cache)
+    dg, dw_proj, db_proj = linear.backward(dout, proj_cache, weight_grads)
     dh = gelu.backward(dg, gelu_cache)
-    dx, dw_fc, db_fc = linear.backward(dh, fc_cache)
+    dx, dw_fc, db_fc = linear.backward(dh, fc_cache, weight_grads)
     return dx, dw_fc, db_fc, dw_proj, db_proj
