@@ -120,7 +120,10 @@ def read_arrays(path, meta_only=False):
         with numpy.load(path, allow_pickle=False) as npz:
             names = [name for name in npz.files if name == "meta.json" or not meta_only]
             arrays = {name: npz[name] for name in names}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    # What a damaged zip can raise: BadZipFile (bad structure or checksum), NotImplementedError
+    # (a flipped bit that asks for an unknown compression), RuntimeError (one that asks for a
+    # password), zlib.error (an OSError), ValueError (a bad .npy header), EOFError (cut short).
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
     try:
         meta = json.loads(arrays.pop("meta.json").tobytes().decode("utf-8"))

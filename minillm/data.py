@@ -108,11 +108,11 @@ def open_token_file(path, vocab_size):
     return numpy.memmap(path, dtype=token_dtype(vocab_size), mode="r")
 
 
-def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1):
+def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1, source="the text"):
     """Encode text, write train.bin (first 90%) and val.bin (last 10%), return both memory-mapped.
 
     Each split must hold at least one window of block_size + 1 tokens (inputs plus
-    the shifted targets).
+    the shifted targets); `source` names the text in the error when one does not.
     """
     ids = tokenizer.encode(text)
     n_train = int(len(ids) * (1.0 - val_fraction))
@@ -120,7 +120,7 @@ def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1):
     for name, part in parts.items():
         if len(part) < block_size + 1:
             raise DataError(
-                f"the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                f"{source}: the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use more text or a smaller --block-size"
             )
     splits = []

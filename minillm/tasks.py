@@ -1,7 +1,9 @@
 """Built-in fine-tuning tasks, generated in the package (nothing is downloaded).
 
-addition   prompt "123+45=", completion "168": the sum of two numbers of two or
-           three digits (10 to 999). The 990 * 990 = 980,100 problems are
+addition   prompt "123+045=", completion "168": the sum of two numbers of two or
+           three digits (10 to 999), written with three digits each so that units
+           sit under units (without that, a small model spends most of its training
+           learning to align the digits). The 990 * 990 = 980,100 problems are
            shuffled once with a fixed seed and cut into disjoint sets:
                test    the first 1,000: held out, never in the training set
                train   the next 20,000 (training keeps its last 10% for the validation loss)
@@ -22,7 +24,7 @@ def addition(split):
     order = numpy.random.default_rng(0).permutation(width * width)
     start = 0 if split == "test" else ADDITION_SIZES["test"]
     chosen = order[start : start + ADDITION_SIZES[split]]
-    return [(f"{a}+{b}=", str(a + b)) for a, b in zip(chosen // width + low, chosen % width + low)]
+    return [(f"{a:03d}+{b:03d}=", str(a + b)) for a, b in zip(chosen // width + low, chosen % width + low)]
 
 
 def examples(name, split):

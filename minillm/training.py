@@ -164,10 +164,10 @@ def load_corpus(cfg):
     return data.builtin_corpus(), "built-in (Python documentation topics)", None
 
 
-def prepare_batches(cfg, text, examples, tokenizer, out_dir):
+def prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir):
     """(train split, val split, what they hold, batch(split, rng) -> (x, y)) for text or --sft examples."""
     if examples is None:
-        train_split, val_split = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size)
+        train_split, val_split = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size, source=corpus_name)
         summary = f"{len(text):,} characters, {len(train_split):,} train and {len(val_split):,} val tokens"
         return train_split, val_split, summary, lambda split, rng: data.get_batch(split, cfg.batch_size, cfg.block_size, rng)
     train_split, val_split = sft.prepare_splits(examples, tokenizer, cfg.block_size, cfg.sft)
@@ -322,7 +322,7 @@ def run(cfg, device, out_dir):
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
-    train_split, val_split, data_summary, batch = prepare_batches(cfg, text, examples, tokenizer, out_dir)
+    train_split, val_split, data_summary, batch = prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir)
     model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
 
     eval_rng = stream_rng(cfg.seed, EVAL_STREAM, 0)

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRETRAINED=${PRETRAINED:-out/ckpt.npz}
-STEPS=${STEPS:-3000}
+STEPS=${STEPS:-4000}
 OUT=${OUT:-out-addition}
 
 [ -f "$PRETRAINED" ] || python train.py --out-dir "$(dirname "$PRETRAINED")"
