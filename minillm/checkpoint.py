@@ -124,7 +124,9 @@ def read_arrays(path, meta_only=False):
     # (a flipped bit that asks for an unknown compression), RuntimeError (one that asks for a
     # password), zlib.error (an OSError), ValueError (a bad .npy header), EOFError (cut short).
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({err})") from None
+        # NumPy takes any file that is neither .npz nor .npy for a pickle, which it refuses to open.
+        why = "it is not a NumPy .npz archive" if "pickled" in str(err) else err
+        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({why})") from None
     try:
         meta = json.loads(arrays.pop("meta.json").tobytes().decode("utf-8"))
     except (KeyError, ValueError):

@@ -9,11 +9,10 @@ most one token more than the longest completion; the answer is right when that
 text equals the completion exactly. Prompts of the same length run as one batch.
 """
 
-import argparse
 import sys
 from collections import defaultdict
 
-from minillm import backend, checkpoint, sft, tasks
+from minillm import backend, checkpoint, cli, sft, tasks
 from minillm.sampling import generate
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -46,7 +45,7 @@ def exact_match(model, tokenizer, pairs):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m minillm.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m minillm.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default="out/ckpt.npz", metavar="PATH", help="checkpoint (default: out/ckpt.npz)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", choices=tasks.TASKS, help="a built-in task's held-out test problems")

@@ -1,11 +1,10 @@
 """The command line of generate.py: prompt, sampling options, streaming output, one-line errors."""
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from minillm import backend, checkpoint, hf
+from minillm import backend, checkpoint, cli, hf
 from minillm.sampling import encode_prompt, option_problem, stream
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -62,7 +61,7 @@ class SampleText:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="generate.py",
         description="Sample text from a trained checkpoint. The text streams to standard output as it is "
         "produced. Several samples are drawn as one batch: the first streams live, the others follow when "
@@ -102,6 +101,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
     problem = option_problem(args.temperature, args.top_k, args.top_p)
     if problem:
         name, what = problem

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minillm import backend, checkpoint, data, hf
+from minillm import backend, checkpoint, cli, data, hf
 from minillm.model import ConfigError
 from minillm.tokenizers.char import UnknownCharactersError
 from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, TrainingError, train
@@ -66,7 +66,7 @@ CHOICES = {"device": backend.DEVICES, "dtype": ("float32", "float64"), "dataset"
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="train.py",
         description="Train a GPT on a text corpus. With no options: the `baby` model on the built-in corpus.",
         argument_default=argparse.SUPPRESS,

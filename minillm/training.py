@@ -120,23 +120,34 @@ def stream_seed(seed, stream, *keys):
 
 
 def validate(cfg):
-    """Raise ConfigError naming the first option whose value cannot work."""
-    positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
+    """Raise ConfigError naming the first option (as its flag) whose value cannot work.
+
+    The comparisons are written so that NaN fails them too.
+    """
+    flag = lambda name: "--" + name.replace("_", "-")
+    positive = (
+        "n_layer", "n_head", "n_embd", "block_size",
+        "batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval",
+    )
     non_negative = (
         "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip", "threads",
-        "patience", "freeze_blocks", "lora_rank",
+        "patience", "freeze_blocks", "lora_rank", "seed",
     )
     for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
     for name in non_negative:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
-    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ConfigError(f"{flag(name)} must be 0 or more (and finite), got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+    if not 0 < cfg.lr < math.inf:
+        raise ConfigError(f"--lr must be positive and finite, got {cfg.lr}")
+    if not 0 < cfg.lora_alpha < math.inf:
+        raise ConfigError(f"--lora-alpha must be positive and finite, got {cfg.lora_alpha}")
+    for name in ("beta1", "beta2", "dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ConfigError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+            raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
     if sum(map(bool, (cfg.data, cfg.dataset, cfg.sft))) > 1:
         raise ConfigError("--data, --dataset and --sft name different training data: give one of them")
     fine_tuning = ("freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")
