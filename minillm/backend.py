@@ -94,6 +94,15 @@ def to_device(array, device):
     return array_module(device).asarray(array)
 
 
+def synchronize(device):
+    """Wait until the device has finished its queued work (a GPU runs asynchronously); no-op on the CPU.
+
+    Read a clock only after this, or a timing measures the queueing, not the work.
+    """
+    if device != "cpu":
+        array_module(device).cuda.Device().synchronize()
+
+
 def dtype_of(name):
     """numpy.dtype for 'float32' | 'float64' (the dtypes every layer supports)."""
     if name not in ("float32", "float64"):

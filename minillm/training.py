@@ -347,7 +347,8 @@ def run(cfg, device, out_dir):
     print(
         f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
         f"model: {model.num_params():,} parameters, {trainable:,} trainable "
-        f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device} "
+        f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device}"
+        + (" (--device auto found no CUDA GPU with CuPy)" if cfg.device == "auto" and device == "cpu" else "") + " "
         f"({cfg.dtype}, {cfg.threads} threads)" + (f"; resuming at step {start_step}" if start_step else "")
     )
 

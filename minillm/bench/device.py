@@ -1,0 +1,122 @@
+"""Speed on one device (a GPU by default): matmul ceiling, training tokens/s and MFU, sampling tokens/s.
+
+    python -m minillm.bench.device [--device cuda] [--write]
+
+The ceiling is the measured float32 rate of a 4096 x 4096 matrix product through
+the device's array module. A training step is forward, backward, gradient clipping
+and AdamW on one batch, as train.py runs it on a GPU (one thread); FLOPs are
+nanoGPT's count (see bench/training.py), MFU their rate over the ceiling. GPT-2
+small trains with the largest batch of 16, 8, 4, ... that fits. Sampling is greedy
+with the KV cache, batch 1, on the device and, for comparison, on this machine's CPU.
+Every clock is read after synchronising the device.
+"""
+
+import argparse
+import statistics
+import time
+
+import numpy
+
+from minillm import backend
+from minillm.bench.common import format_table, machine_description, median_seconds, write_section
+from minillm.bench.training import flops_per_step
+from minillm.model import GPT, GPTConfig
+from minillm.optim import AdamW, clip_grad_norm
+from minillm.sampling import generate
+
+TITLE = "GPU: training and sampling speed"
+CONFIGS = {
+    # name: (model, the batch sizes to try, largest first)
+    "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), (64,)),
+    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), (16, 8, 4, 2, 1)),
+}
+
+
+def matmul_gflops(device, n=4096):
+    xp = backend.array_module(device)
+    a = xp.asarray(numpy.random.default_rng(0).random((n, n), dtype=numpy.float32))
+    return 2 * n**3 / median_seconds(lambda: a @ a, repeat=10, sync=lambda: backend.synchronize(device)) / 1e9
+
+
+def training_step(config, batch_size, device):
+    """One training step's function: the batch is copied to the device once, as in train.py."""
+    model = GPT(config, seed=0, device=device)
+    optimizer = AdamW(model.params, lr=1e-4)
+    idx = numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
+
+    def step():
+        model(idx, idx)
+        grads = model.backward()
+        clip_grad_norm(grads, 1.0)
+        optimizer.step(grads)
+
+    return step
+
+
+def train_row(name, device, steps, gflops_ceiling):
+    """A table row for one configuration, with the largest batch that fits in the device's memory."""
+    config, batch_sizes = CONFIGS[name]
+    for batch_size in batch_sizes:
+        try:
+            step = training_step(config, batch_size, device)
+            seconds = median_seconds(step, repeat=steps, warmup=1, sync=lambda: backend.synchronize(device))
+            break
+        except MemoryError:  # CuPy's OutOfMemoryError is one
+            if device != "cpu":
+                backend.array_module(device).get_default_memory_pool().free_all_blocks()
+    else:
+        return [name, "-", "does not fit", "", "", ""]
+    tokens = batch_size * config.block_size
+    achieved = flops_per_step(config, batch_size) / seconds / 1e9
+    return [name, batch_size, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", f"{achieved:,.0f}",
+            f"{100 * achieved / gflops_ceiling:.0f}%"]
+
+
+def sampling_tokens_per_second(config, device, new_tokens):
+    model = GPT(config, seed=0, device=device).eval()
+    prompt = numpy.zeros((1, 1), dtype=numpy.int64)
+    generate(model, prompt, 4, temperature=0)  # warm-up: kernels, memory pool
+    times = []
+    for _ in range(3):
+        backend.synchronize(device)
+        start = time.perf_counter()
+        generate(model, prompt, new_tokens, temperature=0)
+        backend.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minillm.bench.device", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (median)")
+    parser.add_argument("--new-tokens", type=int, default=100, help="tokens sampled per timed run")
+    parser.add_argument("--write", action="store_true", help=f"put the tables into BENCHMARKS.md under '{TITLE}'")
+    args = parser.parse_args(argv)
+    device = backend.resolve_device(args.device)
+
+    ceiling = matmul_gflops(device)
+    rows = [train_row(name, device, args.steps, ceiling) for name in args.configs]
+    gpt2 = CONFIGS["gpt2"][0]
+    on_device = sampling_tokens_per_second(gpt2, device, args.new_tokens)
+    sampling = [[device, f"{on_device:,.1f}"]]
+    describe = device
+    if device != "cpu":
+        on_cpu = sampling_tokens_per_second(gpt2, "cpu", args.new_tokens)
+        sampling += [["cpu (same machine)", f"{on_cpu:,.1f}"], [f"{device} / cpu", f"{on_device / on_cpu:.1f}x"]]
+        cupy = backend.array_module(device)
+        describe = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + f", CuPy {cupy.__version__}"
+    body = "\n\n".join([
+        f"Device: {describe}; host: {machine_description()}. float32 matmul ceiling (4096 x 4096): "
+        f"{ceiling:,.0f} GFLOP/s.",
+        format_table(["config", "batch", "ms/step", "tokens/s", "GFLOP/s", "MFU"], rows),
+        format_table(["sampling, GPT-2 small shape, batch 1, KV cache", "tokens/s"], sampling),
+    ])
+    if args.write:
+        write_section(TITLE, body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
