@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and CuPy already installed (under 5 minutes):
 # CuPy against NumPy for every layer, a training step, greedy decoding and checkpoints
-# (tests/test_gpu.py and the CUDA cases of tests/test_backend.py), then the device benchmark,
+# (tests/test_gpu.py, and the CUDA cases of tests/test_backend.py: transfers, the device RNG), then the device benchmark,
 # which records its tables in BENCHMARKS.md and prints them last.
 # It needs the package's own dependencies too (`pip install -e .`; at least numpy and regex).
 set -euo pipefail

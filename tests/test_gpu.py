@@ -10,15 +10,36 @@ import numpy
 import pytest
 
 from minillm import backend, checkpoint
-from minillm.layers import lora
+from minillm.layers import attention, cross_entropy, embedding, gelu, layernorm, linear, lora, mlp, softmax
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.sampling import generate
 from minillm.tokenizers.char import CharTokenizer
-from test_backend import layer_cases, relative_error
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+
+
+def relative_error(a, b):
+    a, b = backend.to_host(a), backend.to_host(b)
+    return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), 1e-300))
+
+
+def layer_cases(rng):
+    """(name, forward, inputs, backward): float64 inputs on the host; no dropout, so no RNG stream to match."""
+    x = rng.normal(size=(2, 5, 8))
+    w = lambda *shape: rng.normal(size=shape)
+    return [
+        ("linear", linear.forward, (x, w(8, 5), w(5)), linear.backward),
+        ("layernorm", layernorm.forward, (x, w(8), w(8)), layernorm.backward),
+        ("gelu", gelu.forward, (x,), gelu.backward),
+        ("softmax", softmax.forward, (x,), softmax.backward),
+        ("mlp", mlp.forward, (x, w(8, 32), w(32), w(32, 8), w(8)), mlp.backward),
+        ("attention", lambda *a: attention.forward(*a, 2), (x, w(8, 24), w(24), w(8, 8), w(8)), attention.backward),
+        ("embedding", embedding.forward, (rng.integers(0, 5, (2, 5)), w(5, 8), w(6, 8)), embedding.backward),
+        ("cross_entropy", lambda z, y: cross_entropy.forward(z, y), (w(2, 5, 7), numpy.array([[1, 2, -1, 0, 6]] * 2)),
+         lambda dloss, cache: (cross_entropy.backward(1.0, cache),)),
+    ]
 
 
 def on(arrays, device, dtype=None):
