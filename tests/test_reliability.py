@@ -295,3 +295,9 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(trained):
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "generate.py: note: the prompt has 40 tokens; the model sees only the last 8 (its context)\n"
+
+
+def test_resuming_with_an_incompatible_model_is_a_usage_error(tmp_path, corpus, trained):
+    (tmp_path / "last.npz").write_bytes((trained.parent / "last.npz").read_bytes())
+    result = run_script("train.py", "--data", corpus, "--out-dir", tmp_path, "--resume", "--n-layer", "2")
+    assert_mentions(error_line(result, 2), "differs from the options given", "resume with the options of that run")
