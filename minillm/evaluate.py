@@ -22,14 +22,15 @@ SHOWN_MISTAKES = 5
 def answers(model, tokenizer, prompts, max_new_tokens, batch_size=256):
     """The greedy answer to each prompt: the text the model writes before its end token."""
     end = sft.end_id(tokenizer)
+    encoded = [tokenizer.encode(prompt) for prompt in prompts]
     by_length = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(tokenizer.encode(prompt))].append(i)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
     result = [None] * len(prompts)
     for indices in by_length.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            idx = [tokenizer.encode(prompts[i]) for i in chunk]
+            idx = [encoded[i] for i in chunk]
             out = backend.to_host(generate(model, idx, max_new_tokens, temperature=0.0))
             for i, row in zip(chunk, out[:, len(idx[0]) :].tolist()):
                 result[i] = tokenizer.decode(row[: row.index(end)] if end in row else row)
@@ -58,9 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer, _, _ = checkpoint.load(args.ckpt, device=backend.resolve_device(args.device))
-        if model.config.lora_rank:
-            model = model.merged()  # the same logits, and no adapter work at each token
-        model.eval()
+        model = model.merged().eval()  # LoRA adapters merged: the same logits, no adapter work at each token
         if args.task:
             pairs, described = tasks.examples(args.task, "test"), f"held-out {args.task} problems"
         else:

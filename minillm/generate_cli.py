@@ -190,7 +190,7 @@ def load_model(args):
         )
     model, tokenizer, _, _ = checkpoint.load(ckpt, device=device)
     # Merged adapters give the same logits, without forming the adapted weights at every token.
-    return (model.merged() if model.config.lora_rank else model), tokenizer
+    return model.merged(), tokenizer
 
 
 def fail(message, debug):

@@ -317,8 +317,7 @@ def save_pretrained(model, directory, tokenizer=None):
     with biases) with the same logits. LoRA adapters are merged into the weights
     first (GPT-2 has no place for them). Returns the directory as a Path.
     """
-    if model.config.lora_rank:
-        model = model.merged()
+    model = model.merged()
     if tokenizer is not None and not isinstance(tokenizer, BPETokenizer):
         raise PretrainedError(
             f"a {type(tokenizer).__name__} has no GPT-2 file format; pass tokenizer=None to write the model alone"

@@ -269,7 +269,10 @@ class GPT:
 
         It computes the very same weights as the adapted model's forward pass, so
         its logits are identical. Weights without adapters are shared, not copied.
+        A model without adapters is returned as it is.
         """
+        if not self.config.lora_rank:
+            return self
         adapted, _ = self.adapted_params()
         config = replace(self.config, lora_rank=0)
         params = {name: adapted[name] for name in parameter_shapes(config)}

@@ -437,8 +437,7 @@ def run(cfg, device, out_dir):
         f"best val loss {meta['val_loss']:.4f} at step {meta['step']}\n"
         f"trained: steps {start_step} to {step} in {time.perf_counter() - started_run:.1f} s"
     )
-    if cfg.lora_rank:
-        best_model = best_model.merged()
+    best_model = best_model.merged()  # LoRA adapters folded in (a plain model stays as it is)
     print("sample from the best checkpoint:\n" + sample_text(best_model, tokenizer, cfg.sample_tokens, cfg.seed))
     print(f"\ncheckpoint: {best_path} (resume state: {last_path})")
     if cfg.merge_lora:
