@@ -386,7 +386,8 @@ class GPT:
         """Gradients of the last forward's loss (or of sum(logits * dlogits)) w.r.t. every parameter."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        return self.backward_from_cache(self._cache, dlogits)
+        cache, self._cache = self._cache, None  # backward uses the cache up
+        return self.backward_from_cache(cache, dlogits)
 
     def backward_from_cache(self, cache, dlogits=None):
         """backward() for a cache from forward_with_cache(); like it, safe to run in several threads.
@@ -409,8 +410,10 @@ class GPT:
         lowest = 0 if embeddings_train else min(
             (int(name.split(".")[1]) for name in needed if name.startswith("h.")), default=self.config.n_layer
         )
+        # blocks.pop(): each block's activations go as soon as its gradient is done, so memory
+        # falls while the gradients grow. The cache is used up: forward again before another backward.
         for i in reversed(range(lowest, self.config.n_layer)):
-            dx, block_grads = block_backward(dx, blocks[i], f"h.{i}.", needed)
+            dx, block_grads = block_backward(dx, blocks.pop(), f"h.{i}.", needed)
             grads.update(block_grads)
         if embeddings_train:
             dx = dropout.backward(dx, emb_drop)

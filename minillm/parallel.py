@@ -72,19 +72,20 @@ def loss_and_gradients(model, idx, targets, rngs, workers):
 
     def shard(s):
         _, loss, cache = model.forward_with_cache(idx[rows[s]], targets[rows[s]], rngs[s])
-        return loss, model.backward_from_cache(cache)
+        grads = model.backward_from_cache(cache)
+        if len(rows) > 1:
+            weight = counts[s] / max(total, 1)
+            loss = weight * loss
+            for g in grads.values():
+                g *= weight
+        return loss, grads
 
     results = workers.map(shard, range(len(rows)))
-    if len(results) == 1:
-        return results[0]
-    weights = [count / max(total, 1) for count in counts]
-    loss = sum(w * shard_loss for w, (shard_loss, _) in zip(weights, results))
-    grads = results[0][1]
-    for g in grads.values():
-        g *= weights[0]
-    for w, (_, shard_grads) in zip(weights[1:], results[1:]):
+    loss, grads = results[0]
+    for shard_loss, shard_grads in results[1:]:
+        loss = loss + shard_loss
         for name, g in shard_grads.items():
-            grads[name] += w * g
+            grads[name] += g
     return loss, grads
 
 

@@ -47,6 +47,9 @@ def test_a_float32_training_step_creates_no_float64():
     idx, targets = rng.integers(0, 13, (3, 8)), rng.integers(0, 13, (3, 8))
     targets[0, :3] = cross_entropy.IGNORE_INDEX
     logits, loss = model(idx, targets)
+    # Dropout masks, LayerNorm statistics, attention weights, softmax probabilities ...
+    # (checked before backward, which frees them as it goes)
+    assert_float32_only(model._cache, "the forward cache", at_least=20)
     grads = model.backward()
     norm = clip_grad_norm(grads, 0.1)
     optimizer.step(grads)
@@ -57,8 +60,6 @@ def test_a_float32_training_step_creates_no_float64():
     assert_float32_only(grads, "gradients", at_least=len(model.params))
     assert_float32_only(model.params, "parameters", at_least=len(model.params))
     assert_float32_only([optimizer.m, optimizer.v], "AdamW moments", at_least=2 * len(model.params))
-    # Dropout masks, LayerNorm statistics, attention weights, softmax probabilities ...
-    assert_float32_only(model._cache, "the forward cache", at_least=20)
     assert_float32_only(model.decode(idx[:, :4], model.new_kv_cache(3)), "decode's logits")
 
 

@@ -3,7 +3,8 @@
 - causality: tokens after position t leave the logits at positions <= t exactly unchanged;
 - the loss at GPT-2 initialisation is close to ln(vocab_size);
 - attention rows are probabilities, exactly 0 above the diagonal; LayerNorm rows are standardised;
-- forward and backward leave their inputs, dout and the cache as they found them;
+- forward and backward leave their inputs, dout and the cache as they found them; the model's
+  backward releases each block's activations once used, and asks for a new forward after;
 - dropout: the identity at p = 0 and in eval mode, Bernoulli(1 - p) masks scaled by 1 / (1 - p);
 - the tied embedding's gradient is the sum of its two uses;
 - averaged micro-batch gradients (and the AdamW step from them) equal the full batch's;
@@ -184,6 +185,20 @@ def test_dropout_mask_statistics(p):
     assert abs(mask.mean() - 1.0) < 5 * math.sqrt(p / ((1 - p) * n))
     numpy.testing.assert_array_equal(mask == 0, dropped)
     numpy.testing.assert_allclose(out[~dropped], x[~dropped] / (1 - p), rtol=1e-12)
+
+
+def test_model_backward_releases_each_block_and_needs_a_new_forward():
+    model = tiny_model(n_layer=3)
+    idx = random_tokens(7, (2, 5), 0)
+    _, _, cache = model.forward_with_cache(idx, idx)
+    blocks = cache[2]
+    assert len(blocks) == 3
+    model.backward_from_cache(cache)
+    assert blocks == []  # the activations of every block were let go
+    model(idx, idx)
+    model.backward()
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        model.backward()
 
 
 # ----------------------------------------------------------------------------------- tied embedding

@@ -111,6 +111,8 @@ def peak_memory(name, threads):
 
 def memory_probe(name, threads):
     config, batch_size, _ = CONFIGS[name]
+    import numpy.random  # loaded on first use: 5 MiB of library code, not memory the training needs
+
     baseline = process_memory("VmRSS")
     step, _ = training_step(config, batch_size, threads)
     for _ in range(3):

@@ -47,12 +47,6 @@ def split_heads(a, n_head):
     return a.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
-def merge_heads(a):
-    """(B, n_head, T, hs) -> (B, T, n_head * hs)"""
-    B, n_head, T, hs = a.shape
-    return a.transpose(0, 2, 1, 3).reshape(B, T, n_head * hs)
-
-
 def causal_mask(T, dtype, xp, past=0):
     """(T, past + T) additive mask for T queries that follow `past` earlier positions.
 
@@ -109,13 +103,16 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)
     T, past = x.shape[1], k.shape[2] - x.shape[1]
-    S = (q @ k.transpose(0, 1, 3, 2)) * scale
+    S = q @ k.transpose(0, 1, 3, 2)
+    S *= scale
     if T > 1:  # a single query is the newest position and sees every key: nothing to mask
         S += causal_mask(T, x.dtype, xp, past)
     P, softmax_cache = softmax.forward(S)
     Pd, dropout_cache = dropout.forward(P, dropout_p, rng)
-    y = merge_heads(Pd @ v)
-    out, proj_cache = linear.forward(y, w_proj, b_proj)
+    # Y = Pd @ v, written with the heads already side by side (y[b, t, h] = Y[b, h, t]): no merge copy.
+    y = xp.empty((x.shape[0], T, n_head, C // n_head), dtype=x.dtype)
+    xp.matmul(Pd, v, out=y.transpose(0, 2, 1, 3))
+    out, proj_cache = linear.forward(y.reshape(x.shape), w_proj, b_proj)
     if kv_cache is not None:
         return out, None
     cache = (qkv_cache, q, k, v, Pd, softmax_cache, dropout_cache, proj_cache, scale)
@@ -126,17 +123,19 @@ def backward(dout, cache, weight_grads=True):
     """Returns (dx, dw_attn, db_attn, dw_proj, db_proj)."""
     qkv_cache, q, k, v, Pd, softmax_cache, dropout_cache, proj_cache, scale = cache
     xp = get_array_module(dout)
-    n_head = q.shape[1]
+    B, n_head, T, hs = q.shape
+    # dq, dk, dv are written straight into their places in concat(dq, dk, dv): no concatenation copy.
+    dqkv = xp.empty((B, T, 3, n_head, hs), dtype=dout.dtype)
+    dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
 
     dy, dw_proj, db_proj = linear.backward(dout, proj_cache, weight_grads)
     dY = split_heads(dy, n_head)
     dPd = dY @ v.transpose(0, 1, 3, 2)
-    dv = Pd.transpose(0, 1, 3, 2) @ dY
+    xp.matmul(Pd.transpose(0, 1, 3, 2), dY, out=dv)
     dP = dropout.backward(dPd, dropout_cache)
     dS = softmax.backward(dP, softmax_cache)
     dS *= scale
-    dq = dS @ k
-    dk = dS.transpose(0, 1, 3, 2) @ q
-    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
-    dx, dw_attn, db_attn = linear.backward(dqkv, qkv_cache, weight_grads)
+    xp.matmul(dS, k, out=dq)
+    xp.matmul(dS.transpose(0, 1, 3, 2), q, out=dk)
+    dx, dw_attn, db_attn = linear.backward(dqkv.reshape(B, T, 3 * n_head * hs), qkv_cache, weight_grads)
     return dx, dw_attn, db_attn, dw_proj, db_proj
