@@ -13,8 +13,11 @@ with n_s counted targets in shard s and n in the batch,
     grads = sum over s of (n_s / n) * grads_s
 
 which is exactly the whole batch's loss and gradient, whatever the split.
+
+keep_freed_memory() tunes the C allocator for the repeated steps of training.
 """
 
+import ctypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -31,6 +34,28 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
+def keep_freed_memory():
+    """Have the C allocator keep freed memory for reuse instead of handing it back to the kernel.
+
+    Every training step allocates and frees the same large arrays. glibc by default
+    maps each array above 128 KiB afresh and unmaps it when freed, so each step's
+    arrays start as untouched pages that the kernel must fault in and zero: about
+    16,000 page faults per `small` step, a tenth of its time, and a fifth of a `baby`
+    step's. Kept in the heap, freed arrays are reused as they are; the peak is the
+    same. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
+    return bool(
+        mallopt(m_mmap_threshold, 1 << 30)          # arrays up to 1 GiB come from the heap, not fresh maps
+        and mallopt(m_trim_threshold, (1 << 31) - 1)  # free memory at the heap's top stays in the heap
+        and mallopt(m_top_pad, 1 << 27)             # and heaps grow 128 MiB at a time, not an array at a time
+    )
+
+
 class Workers:
     """A pool of `threads` threads that run NumPy work side by side (one thread: run in place)."""
 
@@ -43,8 +68,12 @@ class Workers:
             self._blas = ThreadpoolController()
 
     def map(self, fn, items):
-        """[fn(item) for item in items], the items spread over the threads."""
-        if self._pool is None:
+        """[fn(item) for item in items], the items spread over the threads.
+
+        A single item (a batch of one row is one shard) runs here, with every
+        core left to BLAS: its matrix products are then the only parallel work.
+        """
+        if self._pool is None or len(items) < 2:
             return [fn(item) for item in items]
         float_errors = numpy.geterr()  # NumPy's error handling is per thread: pass the caller's on
 

@@ -322,6 +322,7 @@ def train(cfg):
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
+    parallel.keep_freed_memory()
     with checkpoint.exclusive(out_dir):
         return run(cfg, device, out_dir)
 

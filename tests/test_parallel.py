@@ -1,6 +1,10 @@
 """Splitting a batch across threads gives the whole batch's loss and gradients, ignored targets included."""
 
+import platform
+import threading
+
 import numpy
+import pytest
 
 from minillm import backend, parallel
 from minillm.layers.cross_entropy import IGNORE_INDEX
@@ -42,3 +46,19 @@ def test_threads_give_the_same_result_as_one_thread_with_dropout():
     assert float(loss_a) == float(loss_b)
     for name in grads_a:
         assert numpy.array_equal(grads_a[name], grads_b[name])
+
+
+def test_a_single_shard_runs_in_the_calling_thread_with_all_blas_threads():
+    """A batch of one row is one shard: it must not run in a worker limited to one BLAS thread."""
+    workers = parallel.Workers(2)
+    try:
+        assert workers.map(lambda _: threading.get_ident(), [0]) == [threading.get_ident()]
+        assert threading.get_ident() not in workers.map(lambda _: threading.get_ident(), [0, 1])
+    finally:
+        workers.close()
+
+
+def test_keep_freed_memory_takes_effect_on_glibc():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings are glibc's")
+    assert parallel.keep_freed_memory() is True

@@ -2,7 +2,18 @@
 
 Same architecture as minillm.model: pre-LayerNorm blocks, tanh-GELU MLP, causal
 attention, tied LM head, AdamW; the same shapes and the same thread count.
+
+It runs in a process of its own, as a PyTorch user's training would, with
+PyTorch's own allocator and thread settings, untouched by minillm's:
+
+    python -m minillm.bench.torch_reference CONFIG THREADS
+
+builds the benchmark configuration CONFIG, then runs one training step for each
+line it reads and answers each with a line of its own. TorchProcess drives it.
 """
+
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -55,3 +66,35 @@ def training_step(config, idx, threads):
         optimizer.step()
 
     return step
+
+
+class TorchProcess:
+    """A PyTorch training process for one benchmark configuration; step() runs one step in it and waits."""
+
+    def __init__(self, config_name, threads):
+        command = [sys.executable, "-m", "minillm.bench.torch_reference", config_name, str(threads)]
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def step(self):
+        self._process.stdin.write("step\n")
+        self._process.stdin.flush()
+        if not self._process.stdout.readline():
+            raise RuntimeError("the PyTorch benchmark process ended unexpectedly")
+
+    def close(self):
+        self._process.stdin.close()
+        self._process.wait()
+
+
+def serve(config_name, threads):
+    from minillm.bench.training import CONFIGS, benchmark_tokens
+
+    config, batch_size, _ = CONFIGS[config_name]
+    step = training_step(config, benchmark_tokens(config, batch_size), threads)
+    for _ in sys.stdin:
+        step()
+        print("done", flush=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -14,6 +14,7 @@ Then a per-layer breakdown of one step of the first configuration.
 """
 
 import argparse
+import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -66,12 +67,18 @@ def analytic_memory_bytes(config, batch_size):
     return 4 * (4 * params + activations)
 
 
+def benchmark_tokens(config, batch_size):
+    """The (batch_size, block_size) token ids that both minillm and PyTorch train on."""
+    return numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
+
+
 def training_step(config, batch_size, threads):
     """A function that runs one minillm training step, as train.py does."""
+    parallel.keep_freed_memory()
     model = GPT(config, seed=0)
     optimizer = AdamW(model.params, lr=1e-4)
     workers = parallel.Workers(threads)
-    idx = numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
+    idx = benchmark_tokens(config, batch_size)
     rngs = [backend.RNG(s) for s in range(threads)]
 
     def step():
@@ -79,7 +86,15 @@ def training_step(config, batch_size, threads):
         clip_grad_norm(grads, 1.0)
         optimizer.step(grads)
 
-    return step, idx
+    return step
+
+
+def installed_version(package):
+    """The package's version, or None when it is not installed (without importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def matmul_gflops(n=2048, repeat=5):
@@ -114,7 +129,7 @@ def memory_probe(name, threads):
     import numpy.random  # loaded on first use: 5 MiB of library code, not memory the training needs
 
     baseline = process_memory("VmRSS")
-    step, _ = training_step(config, batch_size, threads)
+    step = training_step(config, batch_size, threads)
     for _ in range(3):
         step()
     print(json.dumps({"baseline": baseline, "peak": process_memory("VmHWM")}))
@@ -158,7 +173,7 @@ def layer_breakdown(config, batch_size, steps=3):
         return wrapper
 
     originals = {m: (m.forward, m.backward) for m in modules}
-    step, _ = training_step(config, batch_size, threads=1)
+    step = training_step(config, batch_size, threads=1)
     step()
     try:
         for m in modules:
@@ -186,21 +201,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.memory_probe:
         return memory_probe(args.memory_probe, args.threads)
-    try:
-        from minillm.bench import torch_reference
-    except ImportError:
-        torch_reference = None
+    torch_version = installed_version("torch")
 
     ceiling = matmul_gflops()
     print(f"float32 2048x2048 matrix product: {ceiling:.0f} GFLOP/s (the MFU ceiling); {args.threads} threads")
     rows = []
     for name in args.configs:
         config, batch_size, steps = CONFIGS[name]
-        step, idx = training_step(config, batch_size, args.threads)
+        step = training_step(config, batch_size, args.threads)
         functions = {"minillm": step}
-        if torch_reference is not None:
-            functions["pytorch"] = torch_reference.training_step(config, idx, args.threads)
+        if torch_version:
+            from minillm.bench.torch_reference import TorchProcess
+
+            torch_process = TorchProcess(name, args.threads)
+            functions["pytorch"] = torch_process.step
         seconds = interleaved_medians(functions, steps)
+        if torch_version:
+            torch_process.close()
         ours = seconds["minillm"]
         gflops = flops_per_step(config, batch_size) / ours / 1e9
         baseline, peak = peak_memory(name, args.threads)
@@ -223,7 +240,7 @@ def main(argv=None):
     )
     report = (
         f"Matrix-product ceiling: {ceiling:.0f} GFLOP/s (float32 2048x2048, {args.threads} threads). "
-        f"PyTorch: {'not installed' if torch_reference is None else 'eager mode, ' + __import__('torch').__version__}.\n\n"
+        f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own.\n\n"
         f"{table}\n\n"
         "ms: median of a full step (forward, backward, clipping, AdamW), minillm and PyTorch timed in turns; "
         "speed: PyTorch's time / minillm's (above 1: minillm is faster). Memory: peak resident memory of a "
