@@ -51,7 +51,7 @@ def keep_freed_memory():
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
     return bool(
         mallopt(m_mmap_threshold, 1 << 30)          # arrays up to 1 GiB come from the heap, not fresh maps
-        and mallopt(m_trim_threshold, (1 << 31) - 1)  # free memory at the heap's top stays in the heap
+        and mallopt(m_trim_threshold, -1)           # free memory at the heap's top stays in the heap
         and mallopt(m_top_pad, 1 << 27)             # and heaps grow 128 MiB at a time, not an array at a time
     )
 

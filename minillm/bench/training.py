@@ -32,9 +32,9 @@ from minillm.optim import AdamW, clip_grad_norm
 TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
 CONFIGS = {
     # name: (model, batch size, timed steps)
-    "baby": (GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128), 12, 15),
-    "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), 8, 5),
-    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1, 3),
+    "baby": (GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128), 12, 41),
+    "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), 8, 15),
+    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1, 5),
 }
 
 
@@ -103,8 +103,8 @@ def matmul_gflops(n=2048, repeat=5):
     return 2 * n**3 / median_seconds(lambda: a @ a, repeat=repeat) / 1e9
 
 
-def interleaved_medians(functions, steps):
-    """Median seconds of each function, timed in turns (one call each per round)."""
+def interleaved_times(functions, steps):
+    """Seconds of each call of each function, timed in turns (one call each per round), after one untimed round."""
     for fn in functions.values():
         fn()
     times = {name: [] for name in functions}
@@ -113,7 +113,7 @@ def interleaved_medians(functions, steps):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def peak_memory(name, threads):
@@ -215,15 +215,17 @@ def main(argv=None):
 
             torch_process = TorchProcess(name, args.threads)
             functions["pytorch"] = torch_process.step
-        seconds = interleaved_medians(functions, steps)
+        times = interleaved_times(functions, steps)
+        torch_ms = speed = "-"
         if torch_version:
             torch_process.close()
-        ours = seconds["minillm"]
+            torch_ms = f"{1000 * statistics.median(times['pytorch']):.0f}"
+            # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
+            speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
+        ours = statistics.median(times["minillm"])
         gflops = flops_per_step(config, batch_size) / ours / 1e9
         baseline, peak = peak_memory(name, args.threads)
         estimate = analytic_memory_bytes(config, batch_size)
-        torch_ms = f"{1000 * seconds['pytorch']:.0f}" if "pytorch" in seconds else "-"
-        speed = f"{seconds['pytorch'] / ours:.2f}x" if "pytorch" in seconds else "-"
         rows.append([
             name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
             f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
@@ -242,8 +244,9 @@ def main(argv=None):
         f"Matrix-product ceiling: {ceiling:.0f} GFLOP/s (float32 2048x2048, {args.threads} threads). "
         f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own.\n\n"
         f"{table}\n\n"
-        "ms: median of a full step (forward, backward, clipping, AdamW), minillm and PyTorch timed in turns; "
-        "speed: PyTorch's time / minillm's (above 1: minillm is faster). Memory: peak resident memory of a "
+        f"ms: median of {', '.join(f'{CONFIGS[n][2]} ({n})' for n in args.configs)} full steps (forward, backward, "
+        "clipping, AdamW), minillm and PyTorch timed in turns; speed: the median over those rounds of PyTorch's "
+        "time / minillm's (above 1: minillm is faster). Memory: peak resident memory of a "
         "fresh training process less its size before building the model, against the analytic estimate "
         "(parameters, gradients, AdamW moments, activations).\n\n"
         f"Where one `{first}` step's time goes, on one thread ({1000 * total:.0f} ms a step with the timers; "

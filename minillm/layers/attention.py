@@ -35,6 +35,7 @@ decoding with a key/value cache (inference only: no backward):
           keys and the matrix products of one row, not a pass over all P + 1 positions.
 """
 
+import functools
 import math
 
 from minillm.backend import get_array_module
@@ -47,11 +48,14 @@ def split_heads(a, n_head):
     return a.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
 
+@functools.lru_cache(maxsize=32)
 def causal_mask(T, dtype, xp, past=0):
     """(T, past + T) additive mask for T queries that follow `past` earlier positions.
 
     Query t (at position past + t) sees keys 0..past + t: 0 there, -inf after.
     With past = 0 it is the square mask: 0 on and below the diagonal, -inf above.
+    Every layer of every step asks for the same few masks: each is built once and
+    shared, so callers only read it.
     """
     return xp.triu(xp.full((T, past + T), -xp.inf, dtype=dtype), k=past + 1)
 

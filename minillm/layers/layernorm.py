@@ -15,15 +15,17 @@ backward: dw    = sum over rows of dout * xhat
 
 The dx line is the compact closed form: differentiate xhat through mu and var,
     d xhat_i / d x_j = rstd * (delta_ij - 1/C - xhat_i xhat_j / C),
-and contract with dxhat_i over i.
+and contract with dxhat_i over i. (Means over the last axis: layers/rows.py.)
 """
+
+from minillm.layers.rows import row_means
 
 EPS = 1e-5
 
 
 def forward(x, w, b, eps=EPS):
-    xhat = x - x.mean(axis=-1, keepdims=True)  # x - mu
-    var = (xhat * xhat).mean(axis=-1, keepdims=True)
+    xhat = x - row_means(x)  # x - mu
+    var = row_means(xhat * xhat)
     rstd = 1.0 / (var + eps) ** 0.5
     xhat *= rstd  # (x - mu) * rstd, in place
     out = xhat * w
@@ -39,8 +41,8 @@ def backward(dout, cache):
     dw = (dout * xhat).sum(axis=rows)
     db = dout.sum(axis=rows) if has_bias else None
     dx = dout * w  # dxhat, turned into dx in place below
-    projection = (dx * xhat).mean(axis=-1, keepdims=True)
-    dx -= dx.mean(axis=-1, keepdims=True)
+    projection = row_means(dx * xhat)
+    dx -= row_means(dx)
     dx -= xhat * projection
     dx *= rstd
     return dx, dw, db

@@ -11,17 +11,18 @@ backward: dp_i/ds_j = p_i (delta_ij - p_j), so
 """
 
 from minillm.backend import get_array_module
+from minillm.layers.rows import row_sums
 
 
 def forward(s):
     xp = get_array_module(s)
     p = s - s.max(axis=-1, keepdims=True)
     xp.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)
+    p /= row_sums(p)
     return p, p
 
 
 def backward(dp, cache):
     """Returns ds."""
     p = cache
-    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    return p * (dp - row_sums(dp * p))
