@@ -76,22 +76,40 @@ def test_loss_at_initialisation_is_close_to_ln_vocab_size():
 # -------------------------------------------------------------------------- attention probabilities
 
 @given(B=st.integers(1, 3), T=st.integers(1, 5), n_head=st.integers(1, 3), head_size=st.integers(1, 4),
-       dropout_p=st.sampled_from([0.0, 0.4]), scale=st.sampled_from([1.0, 30.0]), seed=SEED)
-def test_attention_rows_are_probabilities_and_zero_above_the_diagonal(B, T, n_head, head_size, dropout_p, scale, seed):
+       dropout_p=st.sampled_from([0.0, 0.4]), scale=st.sampled_from([1.0, 30.0]), query_block=st.integers(1, 6),
+       seed=SEED)
+def test_attention_rows_are_probabilities_and_zero_above_the_diagonal(B, T, n_head, head_size, dropout_p, scale,
+                                                                     query_block, seed):
     rng = numpy.random.default_rng(seed)
     C = n_head * head_size
     x = rng.normal(size=(B, T, C)) * scale  # large scores too: softmax must not overflow
     weights = rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C), rng.normal(size=(C, C)), rng.normal(size=C)
-    _, cache = attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed))
-    Pd, P = cache[4], cache[5]  # after and before dropout (the softmax's cache is P itself)
-    above = numpy.triu(numpy.ones((T, T), dtype=bool), k=1)
-    for A in (P, Pd):
-        assert A.shape == (B, n_head, T, T)
-        assert numpy.all(A[..., above] == 0.0)
-    assert numpy.all(numpy.isfinite(P)) and numpy.all(P >= 0)
-    numpy.testing.assert_allclose(P.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
-    if dropout_p == 0.0:
-        assert Pd is P
+    _, cache = attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed), query_block=query_block)
+    blocks = cache[4]
+    assert [(a, b) for a, b, *_ in blocks] == [(a, min(a + query_block, T)) for a in range(0, T, query_block)]
+    for a, b, Pd, P, _ in blocks:  # queries a..b-1 against keys 0..b-1; P after and Pd before dropout
+        above = numpy.triu(numpy.ones((b - a, b), dtype=bool), k=a + 1)  # key u > query position a + t
+        for A in (P, Pd):
+            assert A.shape == (B, n_head, b - a, b)
+            assert numpy.all(A[..., above] == 0.0)
+        assert numpy.all(numpy.isfinite(P)) and numpy.all(P >= 0)
+        numpy.testing.assert_allclose(P.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+        if dropout_p == 0.0:
+            assert Pd is P
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 7), n_head=st.integers(1, 2), query_block=st.integers(1, 7), seed=SEED)
+def test_causal_blocks_give_the_unblocked_numbers(B, T, n_head, query_block, seed):
+    rng = numpy.random.default_rng(seed)
+    C = 2 * n_head
+    inputs = rng.normal(size=(B, T, C)), rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C), rng.normal(size=(C, C)), None
+    dout = rng.normal(size=(B, T, C))
+    results = []
+    for block in (query_block, T):
+        out, cache = attention.forward(*inputs, n_head, query_block=block)
+        results.append([out, *(g for g in attention.backward(dout, cache) if g is not None)])
+    for blocked, whole in zip(*results):
+        numpy.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-12)
 
 
 def test_softmax_gives_exact_zeros_for_minus_infinity():

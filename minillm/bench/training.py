@@ -55,14 +55,18 @@ def analytic_memory_bytes(config, batch_size):
     """Parameters, gradients and the two AdamW moments, plus what the forward keeps for backward.
 
     Per block (dropout off), counted in values: LayerNorm 1 x_hat (BTC) + its output (BTC),
-    attention q, k, v (3 BTC) + its weights P (n_head B T^2) + head outputs (BTC),
+    attention q, k, v (3 BTC) + its weights P (n_head B W) + head outputs (BTC),
     LayerNorm 2 x_hat + output (2 BTC), MLP input of GELU, tanh and GELU output (3 x 4 BTC):
-    20 BTC + n_head B T^2. Then the final LayerNorm (2 BTC) and the logits, the softmax
-    and the logits' gradient (3 BTV). Four bytes a value (float32).
+    20 BTC + n_head B W, where W is the part of the T x T weights that the causal blocks
+    keep (attention.QUERY_BLOCK queries a block). Then the final LayerNorm (2 BTC) and the
+    logits, the softmax and the logits' gradient (3 BTV). Four bytes a value (float32).
     """
     B, T, C, V = batch_size, config.block_size, config.n_embd, config.vocab_size
     params = sum(int(numpy.prod(shape)) for shape in parameter_shapes(config).values())
-    per_block = 20 * B * T * C + config.n_head * B * T * T
+    starts = range(0, T, attention.QUERY_BLOCK)
+    ends = [min(a + attention.QUERY_BLOCK, T) for a in starts]
+    kept_weights = sum((b - a) * b for a, b in zip(starts, ends))
+    per_block = 20 * B * T * C + config.n_head * B * kept_weights
     activations = config.n_layer * per_block + 2 * B * T * C + 3 * B * T * V
     return 4 * (4 * params + activations)
 
