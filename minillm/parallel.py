@@ -40,9 +40,9 @@ def keep_freed_memory():
     Every training step allocates and frees the same large arrays. glibc by default
     maps each array above 128 KiB afresh and unmaps it when freed, so each step's
     arrays start as untouched pages that the kernel must fault in and zero: about
-    16,000 page faults per `small` step, a tenth of its time, and a fifth of a `baby`
-    step's. Kept in the heap, freed arrays are reused as they are; the peak is the
-    same. Returns False (and changes nothing) where the C library is not glibc.
+    20,000 page faults per `small` step, a tenth of its time, and a fifth of a `baby`
+    step's. Kept in the heap, freed arrays are reused as they are; the peak barely
+    moves. Returns False (and changes nothing) where the C library is not glibc.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -102,7 +102,7 @@ def loss_and_gradients(model, idx, targets, rngs, workers):
     def shard(s):
         _, loss, cache = model.forward_with_cache(idx[rows[s]], targets[rows[s]], rngs[s])
         grads = model.backward_from_cache(cache)
-        if len(rows) > 1:
+        if len(rows) > 1:  # each shard weighs its own share, on its own thread: combining is then a sum
             weight = counts[s] / max(total, 1)
             loss = weight * loss
             for g in grads.values():

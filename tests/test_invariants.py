@@ -2,7 +2,8 @@
 
 - causality: tokens after position t leave the logits at positions <= t exactly unchanged;
 - the loss at GPT-2 initialisation is close to ln(vocab_size);
-- attention rows are probabilities, exactly 0 above the diagonal; LayerNorm rows are standardised;
+- attention rows are probabilities, exactly 0 above the diagonal, and the causal blocks give the
+  unblocked numbers; LayerNorm rows are standardised;
 - forward and backward leave their inputs, dout and the cache as they found them; the model's
   backward releases each block's activations once used, and asks for a new forward after;
 - dropout: the identity at p = 0 and in eval mode, Bernoulli(1 - p) masks scaled by 1 / (1 - p);
@@ -87,7 +88,7 @@ def test_attention_rows_are_probabilities_and_zero_above_the_diagonal(B, T, n_he
     _, cache = attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed), query_block=query_block)
     blocks = cache[4]
     assert [(a, b) for a, b, *_ in blocks] == [(a, min(a + query_block, T)) for a in range(0, T, query_block)]
-    for a, b, Pd, P, _ in blocks:  # queries a..b-1 against keys 0..b-1; P after and Pd before dropout
+    for a, b, Pd, P, _ in blocks:  # queries a..b-1 against keys 0..b-1; Pd after dropout, P before
         above = numpy.triu(numpy.ones((b - a, b), dtype=bool), k=a + 1)  # key u > query position a + t
         for A in (P, Pd):
             assert A.shape == (B, n_head, b - a, b)
