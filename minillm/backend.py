@@ -8,8 +8,18 @@ array module, in one of two ways:
 
 NumPy and CuPy share one API, so the same lines run on both. Copies between
 host and device happen only at the edges (I/O, printing, checkpoints), through
-`to_host` and `to_device`.
+`to_host`, `to_device` and `to_float`.
+
+On a GPU each array operation is a kernel launch and a full pass through memory.
+A few layers therefore also write their chains of elementwise operations as one
+function that `fuse` compiles into a single kernel (cupy.fuse). `fusing(x)` says
+when a layer takes that path: for GPU arrays, unless `fused_kernels(False)` turned
+it off. On the CPU the plain array code runs, and it is the reference that the
+fused versions are tested against.
 """
+
+import contextlib
+import functools
 
 import numpy
 
@@ -78,6 +88,50 @@ def get_array_module(*arrays):
     return numpy
 
 
+_fusion = {"enabled": True}
+
+
+def fusing(*arrays):
+    """True when the arrays live on a GPU and fused kernels are on (the default)."""
+    return _fusion["enabled"] and get_array_module(*arrays) is not numpy
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled):
+    """Within the block, GPU arrays take the fused kernels (True) or the plain array code (False)."""
+    before, _fusion["enabled"] = _fusion["enabled"], enabled
+    try:
+        yield
+    finally:
+        _fusion["enabled"] = before
+
+
+def fuse(function):
+    """`function`, compiled by cupy.fuse into one GPU kernel when called with CuPy arrays.
+
+    With NumPy arrays the function itself runs, line by line: the same body is
+    then ordinary array code, and the tests check it on the CPU. The body may use
+    elementwise operations only, taking its array module from get_array_module.
+    Arithmetic between two scalar arguments is not done in the arrays' precision
+    on the GPU (CuPy 14's cupy.fuse does it in float16): pass such values
+    ready-made, as optim.py passes 1 - beta1 rather than beta1 alone.
+    """
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args):
+        nonlocal compiled
+        if get_array_module(*args) is numpy:
+            return function(*args)
+        if compiled is None:  # the first GPU call: CuPy is imported only now
+            import cupy
+
+            compiled = cupy.fuse(kernel_name=function.__name__)(function)
+        return compiled(*args)
+
+    return call
+
+
 def device_of(array):
     return "cpu" if get_array_module(array) is numpy else "cuda"
 
@@ -87,6 +141,12 @@ def to_host(array):
     if get_array_module(array) is numpy:
         return numpy.asarray(array)
     return array.get()
+
+
+def to_float(array):
+    """A 0-d array as a Python float. On a GPU this waits for all queued work: call it only where a
+    value is needed on the host (a log line, a decision), never once per step without need."""
+    return float(to_host(array))
 
 
 def to_device(array, device):

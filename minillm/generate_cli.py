@@ -142,6 +142,8 @@ def main(argv=None):
             "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text",
             args.debug,
         )
+    if args.device == "auto" and model.device == "cpu":
+        print("generate.py: note: --device auto found no CUDA GPU with CuPy; sampling on the CPU", file=sys.stderr)
     if len(prompt_ids) > model.config.block_size:
         print(f"generate.py: note: the prompt has {len(prompt_ids)} tokens; the model sees only the last "
               f"{model.config.block_size} (its context)", file=sys.stderr)

@@ -295,6 +295,32 @@ class GPT:
         """Integer ids on the model's device (the one host-to-device copy of a batch)."""
         return self.xp.asarray(ids)
 
+    def _checked_tokens(self, idx, targets):
+        """idx and targets (or None) checked, then on the model's device.
+
+        The checks come before the copy: a batch from the data arrives on the host,
+        where checking costs nothing. Ids already on a GPU are checked there, and
+        reading the verdict waits for the GPU to finish its queued work.
+        """
+        cfg = self.config
+        idx = backend.get_array_module(idx).asarray(idx)
+        embedding.check_token_ids(idx, cfg.vocab_size, cfg.block_size)
+        if targets is None:
+            return self._token_array(idx), None
+        targets = backend.get_array_module(targets).asarray(targets)
+        if targets.shape != idx.shape:
+            raise embedding.TokenIdError(
+                f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
+            )
+        # Targets index the logits: out of range, NumPy would read another row and CuPy wrap around.
+        outside = (targets != cross_entropy.IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
+        if bool(outside.any()):
+            raise embedding.TokenIdError(
+                f"targets must lie in [0, {cfg.vocab_size}) or be IGNORE_INDEX ({cross_entropy.IGNORE_INDEX}), "
+                f"got {int(targets[outside][0])}"
+            )
+        return self._token_array(idx), self._token_array(targets)
+
     def __call__(self, idx, targets=None):
         return self.forward(idx, targets)
 
@@ -311,7 +337,7 @@ class GPT:
         """
         cfg = self.config
         p, lora_caches = self.adapted_params()
-        idx = self._token_array(idx)
+        idx, targets = self._checked_tokens(idx, targets)
         dropout_p = cfg.dropout if self.training else 0.0
         rng = rng if dropout_p > 0.0 else None
 
@@ -326,18 +352,6 @@ class GPT:
 
         loss = loss_cache = None
         if targets is not None:
-            targets = self._token_array(targets)
-            if targets.shape != idx.shape:
-                raise embedding.TokenIdError(
-                    f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
-                )
-            # Targets index the logits: out of range, NumPy would read another row and CuPy wrap around.
-            outside = (targets != cross_entropy.IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
-            if bool(outside.any()):
-                raise embedding.TokenIdError(
-                    f"targets must lie in [0, {cfg.vocab_size}) or be IGNORE_INDEX ({cross_entropy.IGNORE_INDEX}), "
-                    f"got {int(targets[outside][0])}"
-                )
             loss, loss_cache = cross_entropy.forward(logits, targets)
         return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache, lora_caches)
 

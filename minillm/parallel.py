@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
+from minillm import backend
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
 
@@ -121,4 +122,4 @@ def loss_and_gradients(model, idx, targets, rngs, workers):
 def mean_loss(model, batches, workers):
     """Mean loss over (idx, targets) batches, a Python float, the batches spread over the threads."""
     losses = workers.map(lambda batch: model.forward_with_cache(*batch)[1], batches)
-    return float(sum(losses)) / len(batches)
+    return backend.to_float(sum(losses)) / len(batches)

@@ -32,20 +32,24 @@ class Progress:
         self.log.write(json.dumps(entry) + "\n")
         self.log.flush()
 
-    def step(self, entry, show_line):
+    def report(self, entry):
+        """A progress line: the log, and the bar's figures or a printed line."""
+        self.record(entry)
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix(
                 loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.1e}",
                 ms=f"{entry['ms_per_step']:.0f}", tok_s=f"{entry['tokens_per_s']:,.0f}",
             )
-        if show_line:
-            self.record(entry)
-            if self.bar is None:
-                self.print(
-                    f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {entry['grad_norm']:.3f}, "
-                    f"lr {entry['lr']:.2e}, {entry['ms_per_step']:.0f} ms/step, {entry['tokens_per_s']:,.0f} tokens/s"
-                )
+        else:
+            self.print(
+                f"step {entry['step']}: loss {entry['loss']:.4f}, grad norm {entry['grad_norm']:.3f}, "
+                f"lr {entry['lr']:.2e}, {entry['ms_per_step']:.0f} ms/step, {entry['tokens_per_s']:,.0f} tokens/s"
+            )
+
+    def advance(self):
+        """One step done: the bar moves on."""
+        if self.bar is not None:
+            self.bar.update(1)
 
     def close(self):
         if self.bar is not None:

@@ -90,16 +90,18 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     idx: integer prompt (B, T) with T >= 1, on the host or the device; the model sees its
     last block_size tokens. Stopping the iteration early ends the generation. The same
     seed gives the same tokens; use_cache=False runs the full forward pass every step.
+    With the cache, the loop reads nothing back from a GPU: the tokens stay on the
+    device until the caller copies them.
     """
     problem = option_problem(temperature, top_k, top_p)
     if problem:
         raise ValueError(" ".join(problem))
     xp, block_size = model.xp, model.config.block_size
-    window = xp.asarray(idx)[..., -block_size:]
-    embedding.check_token_ids(window, model.config.vocab_size, block_size)
+    window = backend.get_array_module(idx).asarray(idx)[..., -block_size:]
+    embedding.check_token_ids(window, model.config.vocab_size, block_size)  # on the host, when the prompt is there
     if window.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token")
-    window = window.astype(xp.int64)
+    window = xp.asarray(window).astype(xp.int64)
     rng = backend.RNG(seed, model.device)
     kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
     was_training = model.training

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from minillm import backend, checkpoint, cli, data, hf
 from minillm.model import ConfigError
+from minillm.readback import TrainingError
 from minillm.tokenizers.char import UnknownCharactersError
-from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, TrainingError, train
+from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, train
 
 HELP = {
     "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",

@@ -38,6 +38,7 @@ from minillm import backend, checkpoint, data, parallel, sft
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.progress import PLOT_FILE, Progress, plot_losses
+from minillm.readback import NonfiniteWatch, StepClock, checks_each_step, describe_nonfinite, nonfinite_error
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer
 
@@ -47,10 +48,6 @@ MERGED_CHECKPOINT = "merged.npz"
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example the loss became NaN)."""
 
 
 @dataclass
@@ -201,20 +198,6 @@ def sample_text(model, tokenizer, n_tokens, seed):
     return tokenizer.decode(backend.to_host(ids)[0, len(start):])
 
 
-def describe_nonfinite(loss, grads):
-    """Where the numbers first went bad: the loss itself, or the first non-finite gradient.
-
-    The backward pass computes the gradients from the output back to the input,
-    the reverse of the order of model.params, so that is the order searched.
-    """
-    if not math.isfinite(loss):
-        return f"the loss is {loss} (the forward pass overflowed)"
-    for name in reversed(list(grads)):
-        if not bool(backend.get_array_module(grads[name]).isfinite(grads[name]).all()):
-            return f"the loss is finite, but the gradient of {name} is the first to be non-finite"
-    return "the gradient norm overflowed"
-
-
 def step_gradients(model, train_split, batch, cfg, step, workers, device):
     """(mean loss, mean gradients, tokens) over the step's grad_accum micro-batches batch(train_split, rng).
 
@@ -308,7 +291,7 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
     return model, optimizer, start_step, best_val, since_best
 
 
-# A non-finite loss or gradient is caught and reported with its step and layer;
+# A non-finite loss or gradient is caught and reported with its step (and, on the CPU, its layer);
 # NumPy's overflow warnings would only say the same thing earlier and less clearly.
 @numpy.errstate(over="ignore", invalid="ignore")
 def train(cfg):
@@ -371,11 +354,20 @@ def run(cfg, device, out_dir):
     progress = Progress(cfg, start_step, out_dir)
     workers = parallel.Workers(cfg.threads)
     plotted = True
-    step_seconds, step_tokens = [], 0
     stopped_early = False
+    # Reading values back is free on the CPU and costly on a GPU: see minillm/readback.py.
+    check_each_step = checks_each_step(device)
+    clock, watch = StepClock(device), NonfiniteWatch(device, model.dtype)
+
+    def sync_point():
+        """Let the device finish the queued steps; fail if one of them went non-finite."""
+        clock.pause()
+        watch.check(out_dir)
+
     try:
         for step in range(start_step, cfg.max_iters + 1):
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                sync_point()
                 losses = {name: estimate_loss(model, batches, workers) for name, batches in eval_batches.items()}
                 progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
                 sample = sample_text(model, tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
@@ -391,6 +383,7 @@ def run(cfg, device, out_dir):
                 plotted = plot_losses(progress.log_path, out_dir / PLOT_FILE)
                 stopped_early = cfg.patience and since_best >= cfg.patience
             if (step % cfg.save_interval == 0 and step > start_step) or step == cfg.max_iters or stopped_early:
+                sync_point()
                 save(last_path, step)
             if stopped_early:
                 progress.print(
@@ -400,33 +393,33 @@ def run(cfg, device, out_dir):
             if step == cfg.max_iters:
                 break
             if stop_requested:
+                sync_point()
                 save(last_path, step)
                 progress.print(f"stopped at step {step}; saved {last_path}; continue with --resume")
                 return None
 
-            started = time.perf_counter()
+            clock.start()
             lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
             loss, grads, tokens = step_gradients(model, train_split, batch, cfg, step, workers, device)
-            grad_norm = float(clip_grad_norm(grads, cfg.grad_clip))
-            loss = float(loss)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise TrainingError(
-                    f"step {step}: {describe_nonfinite(loss, grads)}; nothing from this step was saved, "
-                    f"the last good checkpoints in {out_dir} are kept. Try a lower --lr or a --grad-clip"
-                )
+            grad_norm = clip_grad_norm(grads, cfg.grad_clip)
+            if check_each_step:
+                loss_value = backend.to_float(loss)
+                if not (math.isfinite(loss_value) and math.isfinite(backend.to_float(grad_norm))):
+                    raise nonfinite_error(step, describe_nonfinite(loss_value, grads), out_dir)
+            else:
+                watch.record(step, loss, grad_norm)
             optimizer.step(grads, lr=lr)
-            step_seconds.append(time.perf_counter() - started)
-            step_tokens += tokens
+            clock.count(tokens)
 
             show = (step + 1) % cfg.log_interval == 0 or step == start_step
-            seconds = sum(step_seconds)
-            progress.step(
-                {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                 "ms_per_step": 1000 * seconds / len(step_seconds), "tokens_per_s": step_tokens / seconds},
-                show,
-            )
             if show:
-                step_seconds, step_tokens = [], 0
+                sync_point()
+                ms_per_step, tokens_per_s = clock.rates()
+                progress.report(
+                    {"step": step + 1, "loss": backend.to_float(loss), "grad_norm": backend.to_float(grad_norm),
+                     "lr": lr, "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s}
+                )
+            progress.advance()
     finally:
         workers.close()
         progress.close()

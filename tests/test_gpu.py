@@ -1,4 +1,5 @@
-"""CuPy gives NumPy's results: every layer, LoRA, a whole training step, greedy decoding, checkpoints.
+"""CuPy gives NumPy's results: every layer, LoRA, a whole training step, a training run, greedy decoding,
+checkpoints.
 
 Each test runs once per device of the `xp_device` fixture; on the CPU it compares
 NumPy with itself (which checks the test), on a GPU CuPy with NumPy. Tolerances:
@@ -9,12 +10,13 @@ one device load on the other with identical numbers.
 import numpy
 import pytest
 
-from minillm import backend, checkpoint
+from minillm import backend, checkpoint, data
 from minillm.layers import attention, cross_entropy, embedding, gelu, layernorm, linear, lora, mlp, softmax
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.sampling import generate
 from minillm.tokenizers.char import CharTokenizer
+from minillm.training import TrainConfig, train
 
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 CONFIG = GPTConfig(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
@@ -121,3 +123,21 @@ def test_a_checkpoint_crosses_devices_both_ways(xp_device, tmp_path):
             assert backend.device_of(loaded.params[name]) == target
             assert numpy.array_equal(backend.to_host(loaded.params[name]), backend.to_host(p)), name
         assert set(state["m"]) == set(model.params)
+
+
+def test_a_training_run_ends_with_the_cpu_runs_weights(xp_device, tmp_path):
+    # float64 and no dropout: the batches come from the same host generator on both devices,
+    # so the two runs differ by rounding only. The GPU run reads back at its sync points.
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(data.builtin_corpus()[:20_000])
+    models = [
+        train(TrainConfig(
+            data=str(corpus), out_dir=str(tmp_path / device), device=device, dtype="float64", n_layer=2, n_head=2,
+            n_embd=16, block_size=16, batch_size=4, dropout=0.0, max_iters=12, warmup_iters=2, lr_decay_iters=12,
+            eval_interval=6, eval_iters=2, save_interval=6, log_interval=4, sample_tokens=8,
+        ))
+        for device in ("cpu", xp_device)
+    ]
+    for name, p in models[0].params.items():
+        assert backend.device_of(models[1].params[name]) == xp_device
+        assert relative_error(models[1].params[name], p) < 1e-8, name

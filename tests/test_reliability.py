@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from minillm import checkpoint, data
+from minillm import backend, checkpoint, data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,6 +295,13 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(trained):
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert result.stderr == "generate.py: note: the prompt has 40 tokens; the model sees only the last 8 (its context)\n"
+
+
+@pytest.mark.skipif(backend.cuda_available(), reason="here --device auto finds a GPU")
+def test_device_auto_without_a_gpu_says_it_samples_on_the_cpu(trained):
+    result = run_script("generate.py", "--ckpt", trained, "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "generate.py: note: --device auto found no CUDA GPU with CuPy; sampling on the CPU\n"
 
 
 def test_resuming_with_an_incompatible_model_is_a_usage_error(tmp_path, corpus, trained):

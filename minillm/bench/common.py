@@ -12,24 +12,38 @@ from pathlib import Path
 BENCHMARKS_FILE = Path("BENCHMARKS.md")
 
 
-def median_seconds(fn, repeat=5, warmup=1, sync=None):
-    """Median wall time of fn() over `repeat` runs, after `warmup` untimed runs.
+def seconds_of(fn, sync=None):
+    """Wall time of one fn() call. `sync` (e.g. a device synchronise) is called before each
+    clock read, so asynchronous GPU work is inside the measured interval."""
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
 
-    `sync` (e.g. a device synchronise) is called before each clock read, so
-    asynchronous GPU work is inside the measured interval.
-    """
+
+def median_seconds(fn, repeat=5, warmup=1, sync=None):
+    """Median wall time of fn() over `repeat` runs, after `warmup` untimed runs; `sync` as in seconds_of."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeat):
-        if sync:
-            sync()
-        start = time.perf_counter()
+    return statistics.median(seconds_of(fn, sync) for _ in range(repeat))
+
+
+def interleaved_times(functions, steps, sync=None):
+    """Seconds of each call of each function, timed in turns (one call each per round), after one untimed round.
+
+    Taking turns exposes every function to the same drift of a shared machine, so
+    per-round ratios compare them fairly. `sync` as in seconds_of.
+    """
+    for fn in functions.values():
         fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in functions}
+    for _ in range(steps):
+        for name, fn in functions.items():
+            times[name].append(seconds_of(fn, sync))
+    return times
 
 
 def machine_description():

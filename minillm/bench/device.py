@@ -6,19 +6,24 @@ The ceiling is the measured float32 rate of a 4096 x 4096 matrix product through
 the device's array module. A training step is forward, backward, gradient clipping
 and AdamW on one batch, as train.py runs it on a GPU (one thread); FLOPs are
 nanoGPT's count (see bench/training.py), MFU their rate over the ceiling. GPT-2
-small trains with the largest batch of 16, 8, 4, ... that fits. Sampling is greedy
-with the KV cache, batch 1, on the device and, for comparison, on this machine's CPU.
-Every clock is read after synchronising the device.
+small trains with the largest batch of 64, 32, 16, ... that fits. Each step is timed
+in turns with the same step on the plain array code (fused kernels off), and the
+speedup is the median of the per-round ratios. Sampling is greedy with the KV
+cache, batch 1, on the device and, for comparison, on this machine's CPU.
+Every clock is read after synchronising the device. CuPy computes float32 matrix
+products in full float32 unless CUPY_TF32=1 is set: the ceiling and the steps
+then use TF32 alike.
 """
 
 import argparse
+import os
 import statistics
 import time
 
 import numpy
 
 from minillm import backend
-from minillm.bench.common import format_table, machine_description, median_seconds, write_section
+from minillm.bench.common import format_table, interleaved_times, machine_description, median_seconds, write_section
 from minillm.bench.training import flops_per_step
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
@@ -28,7 +33,7 @@ TITLE = "GPU: training and sampling speed"
 CONFIGS = {
     # name: (model, the batch sizes to try, largest first)
     "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), (64,)),
-    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), (16, 8, 4, 2, 1)),
+    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), (64, 32, 16, 8, 4, 2, 1)),
 }
 
 
@@ -53,23 +58,35 @@ def training_step(config, batch_size, device):
     return step
 
 
+def plain(step):
+    """step() with fused kernels off: the plain array code on the device."""
+    def plain_step():
+        with backend.fused_kernels(False):
+            step()
+    return plain_step
+
+
 def train_row(name, device, steps, gflops_ceiling):
     """A table row for one configuration, with the largest batch that fits in the device's memory."""
     config, batch_sizes = CONFIGS[name]
+    sync = lambda: backend.synchronize(device)
     for batch_size in batch_sizes:
+        if device != "cpu":  # what the last attempt left in CuPy's pool goes back to the device
+            backend.array_module(device).get_default_memory_pool().free_all_blocks()
         try:
             step = training_step(config, batch_size, device)
-            seconds = median_seconds(step, repeat=steps, warmup=1, sync=lambda: backend.synchronize(device))
+            times = interleaved_times({"fused": step, "plain": plain(step)}, steps, sync)
             break
         except MemoryError:  # CuPy's OutOfMemoryError is one
-            if device != "cpu":
-                backend.array_module(device).get_default_memory_pool().free_all_blocks()
+            continue
     else:
-        return [name, "-", "does not fit", "", "", ""]
+        return [name, "-", "does not fit", "", "", "", "", ""]
+    seconds, plain_seconds = statistics.median(times["fused"]), statistics.median(times["plain"])
+    speedup = statistics.median(p / f for f, p in zip(times["fused"], times["plain"]))
     tokens = batch_size * config.block_size
     achieved = flops_per_step(config, batch_size) / seconds / 1e9
     return [name, batch_size, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", f"{achieved:,.0f}",
-            f"{100 * achieved / gflops_ceiling:.0f}%"]
+            f"{100 * achieved / gflops_ceiling:.0f}%", f"{1000 * plain_seconds:.1f}", f"{speedup:.2f}x"]
 
 
 def sampling_tokens_per_second(config, device, new_tokens):
@@ -90,31 +107,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillm.bench.device", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per configuration (median)")
-    parser.add_argument("--new-tokens", type=int, default=100, help="tokens sampled per timed run")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed rounds per configuration, each a fused and a plain step (medians)")
+    parser.add_argument("--new-tokens", type=int, default=100, help="tokens sampled per timed run (0: no sampling)")
     parser.add_argument("--write", action="store_true", help=f"put the tables into BENCHMARKS.md under '{TITLE}'")
     args = parser.parse_args(argv)
     device = backend.resolve_device(args.device)
+    tf32 = device != "cpu" and os.environ.get("CUPY_TF32") == "1"
 
     ceiling = matmul_gflops(device)
     rows = [train_row(name, device, args.steps, ceiling) for name in args.configs]
-    gpt2 = CONFIGS["gpt2"][0]
-    on_device = sampling_tokens_per_second(gpt2, device, args.new_tokens)
-    sampling = [[device, f"{on_device:,.1f}"]]
     describe = device
     if device != "cpu":
-        on_cpu = sampling_tokens_per_second(gpt2, "cpu", args.new_tokens)
-        sampling += [["cpu (same machine)", f"{on_cpu:,.1f}"], [f"{device} / cpu", f"{on_device / on_cpu:.1f}x"]]
         cupy = backend.array_module(device)
         describe = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + f", CuPy {cupy.__version__}"
+    tables = [format_table(["config", "batch", "ms/step", "tokens/s", "GFLOP/s", "MFU", "plain ms/step",
+                            "fused speedup"], rows)]
+    if args.new_tokens:
+        gpt2 = CONFIGS["gpt2"][0]
+        on_device = sampling_tokens_per_second(gpt2, device, args.new_tokens)
+        sampling = [[device, f"{on_device:,.1f}"]]
+        if device != "cpu":
+            on_cpu = sampling_tokens_per_second(gpt2, "cpu", args.new_tokens)
+            sampling += [["cpu (same machine)", f"{on_cpu:,.1f}"], [f"{device} / cpu", f"{on_device / on_cpu:.1f}x"]]
+        tables.append(format_table(["sampling, GPT-2 small shape, batch 1, KV cache", "tokens/s"], sampling))
     body = "\n\n".join([
-        f"Device: {describe}; host: {machine_description()}. float32 matmul ceiling (4096 x 4096): "
-        f"{ceiling:,.0f} GFLOP/s.",
-        format_table(["config", "batch", "ms/step", "tokens/s", "GFLOP/s", "MFU"], rows),
-        format_table(["sampling, GPT-2 small shape, batch 1, KV cache", "tokens/s"], sampling),
+        f"Device: {describe}; host: {machine_description()}. float32 matmul ceiling (4096 x 4096"
+        f"{', TF32' if tf32 else ''}): {ceiling:,.0f} GFLOP/s.",
+        *tables,
     ])
     if args.write:
-        write_section(TITLE, body)
+        write_section(TITLE + (" (TF32 matrix products)" if tf32 else ""), body)
     print(body)
 
 

@@ -24,7 +24,7 @@ import time
 import numpy
 
 from minillm import backend, parallel
-from minillm.bench.common import format_table, write_section
+from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
@@ -115,19 +115,6 @@ def matmul_gflops(n=2048, repeat=10):
         a @ a
         seconds.append(time.perf_counter() - start)
     return 2 * n**3 / min(seconds) / 1e9
-
-
-def interleaved_times(functions, steps):
-    """Seconds of each call of each function, timed in turns (one call each per round), after one untimed round."""
-    for fn in functions.values():
-        fn()
-    times = {name: [] for name in functions}
-    for _ in range(steps):
-        for name, fn in functions.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def peak_memory(name, threads):

@@ -43,12 +43,15 @@ decoding with a key/value cache (inference only: no backward):
                  keys 0..P + t, the same keys as in the full forward
           and the rest as above. Each new token then costs attention over P + 1
           keys and the matrix products of one row, not a pass over all P + 1 positions.
+
+On a GPU the scaling and the mask are one fused kernel (backend.fuse), as are
+the softmax's elementwise steps (layers/softmax.py).
 """
 
 import functools
 import math
 
-from minillm.backend import get_array_module
+from minillm.backend import fuse, fusing, get_array_module
 from minillm.layers import dropout, linear, softmax
 
 QUERY_BLOCK = 128
@@ -70,6 +73,12 @@ def causal_mask(T, dtype, xp, past=0):
     shared, so callers only read it.
     """
     return xp.triu(xp.full((T, past + T), -xp.inf, dtype=dtype), k=past + 1)
+
+
+@fuse
+def scale_and_mask_fused(S, scale, mask):
+    """S * scale + M (scale = 1 / sqrt(hs)), as one kernel on a GPU."""
+    return S * scale + mask
 
 
 class KVCache:
@@ -129,9 +138,14 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
         b = min(a + query_block, T)
         seen = past + b  # the keys of positions 0 .. past + b - 1
         S = q[:, :, a:b] @ k[:, :, :seen].transpose(0, 1, 3, 2)
-        S *= scale
-        if b - a > 1:  # a single query is the newest position of its block and sees every key: nothing to mask
-            S += causal_mask(b - a, x.dtype, xp, past + a)
+        # A single query is the newest position of its block and sees every key: nothing to mask.
+        mask = causal_mask(b - a, x.dtype, xp, past + a) if b - a > 1 else None
+        if mask is not None and fusing(S):
+            S = scale_and_mask_fused(S, scale, mask)
+        else:
+            S *= scale
+            if mask is not None:
+                S += mask
         P, softmax_cache = softmax.forward(S)
         Pd, dropout_cache = dropout.forward(P, dropout_p, rng)
         xp.matmul(Pd, v[:, :, :seen], out=Y[:, :, a:b])

@@ -9,6 +9,10 @@ backward: dwte[v] = sum of dout[b, t] over every (b, t) with idx[b, t] == v
           The dwte sum is a scatter-add: a token repeated in the batch adds
           its gradient once per occurrence, so plain `dwte[idx] += dout` would
           be wrong (it keeps only one of the repeats).
+
+forward does not check idx: out of range, NumPy would fail or read another row,
+and CuPy would silently wrap around. Callers check once with check_token_ids,
+on the host where they can (the model does, before copying a batch to the device).
 """
 
 from minillm.backend import get_array_module
@@ -19,7 +23,7 @@ class TokenIdError(ValueError):
 
 
 def check_token_ids(idx, vocab_size, block_size):
-    """Fail loudly: CuPy silently wraps out-of-range indices instead of raising."""
+    """Raise TokenIdError unless idx is (B, T) integer ids in [0, vocab_size) with T <= block_size."""
     if idx.ndim != 2:
         raise TokenIdError(f"token ids must have shape (batch, time), got shape {tuple(idx.shape)}")
     if idx.dtype.kind not in "iu":
@@ -36,7 +40,6 @@ def check_token_ids(idx, vocab_size, block_size):
 
 
 def forward(idx, wte, wpe):
-    check_token_ids(idx, wte.shape[0], wpe.shape[0])
     T = idx.shape[1]
     out = wte[idx] + wpe[:T]
     return out, (idx, wte.shape, wpe.shape)
