@@ -174,20 +174,32 @@ class RNG:
     """A seeded random generator that draws on the device where the arrays live.
 
     Dropout masks are drawn here, on the device, so a training step never waits
-    on a host-to-device copy of random numbers.
+    on a host-to-device copy of random numbers. The generator is set up at the
+    first draw: a step without dropout, which still makes one, pays nothing.
+    On a GPU it is Philox, a counter-based generator: cuRAND starts each of its
+    parallel streams in constant time, where the streams of XORWOW (CuPy's
+    default) are found by skipping ahead along one sequence, and training makes
+    a fresh generator for every step.
     """
 
     def __init__(self, seed, device="cpu"):
+        self.seed = seed
         self.device = device
         self.xp = array_module(device)
-        self._generator = self.xp.random.default_rng(seed)
+        self._generator = None
+
+    def _draws(self):
+        if self._generator is None:
+            random = self.xp.random
+            self._generator = random.default_rng(self.seed if self.xp is numpy else random.Philox4x3210(self.seed))
+        return self._generator
 
     def uniform(self, shape, dtype):
         """Samples of U[0, 1) with the given shape and dtype."""
-        return self._generator.random(size=shape, dtype=dtype)
+        return self._draws().random(size=shape, dtype=dtype)
 
     def normal(self, shape, std, dtype):
         """Samples of N(0, std^2) with the given shape and dtype."""
-        sample = self._generator.standard_normal(size=shape, dtype=dtype)
+        sample = self._draws().standard_normal(size=shape, dtype=dtype)
         sample *= std
         return sample

@@ -54,6 +54,8 @@ class StandInModule:
             )
 
     def __getattr__(self, name):
+        if self._wrapped is numpy.random and name == "Philox4x3210":  # CuPy's name for it
+            return numpy.random.Philox
         value = getattr(self._wrapped, name)
         if isinstance(value, types.ModuleType):
             return StandInModule(value)
