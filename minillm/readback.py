@@ -31,7 +31,8 @@ def checks_each_step(device):
 
 
 def describe_nonfinite(loss, grads):
-    """Where the numbers first went bad (loss a Python float): the loss itself, or the first non-finite gradient.
+    """Where the numbers first went bad (loss a Python float): the loss itself, the first non-finite
+    gradient of `grads`, or else the gradient norm.
 
     The backward pass computes the gradients from the output back to the input,
     the reverse of the order of model.params, so that is the order searched.
@@ -70,11 +71,8 @@ class NonfiniteWatch:
     def check(self, out_dir):
         """Raise TrainingError if a recorded step went bad (a read: waits for the device)."""
         step = int(backend.to_host(self.first_bad_step))
-        if step >= 0:
-            loss = backend.to_float(self.loss_then)
-            description = (f"the loss is {loss} (the forward pass overflowed)" if not math.isfinite(loss)
-                           else "the loss is finite, but the gradient norm is not")
-            raise nonfinite_error(step, description, out_dir)
+        if step >= 0:  # that step's gradients are gone: the description stops at the loss and the norm
+            raise nonfinite_error(step, describe_nonfinite(backend.to_float(self.loss_then), {}), out_dir)
 
 
 class StepClock:

@@ -18,10 +18,11 @@ from minillm.layers.rows import row_sums
 
 
 def forward(s):
+    row_max = s.max(axis=-1, keepdims=True)
     if fusing(s):
-        p = exp_shifted_fused(s, s.max(axis=-1, keepdims=True))
+        p = exp_shifted_fused(s, row_max)
     else:
-        p = s - s.max(axis=-1, keepdims=True)
+        p = s - row_max
         get_array_module(s).exp(p, out=p)
     p /= row_sums(p)
     return p, p
@@ -30,9 +31,10 @@ def forward(s):
 def backward(dp, cache):
     """Returns ds."""
     p = cache
+    row_sum = row_sums(dp * p)
     if fusing(dp):
-        return input_grad_fused(p, dp, row_sums(dp * p))
-    return p * (dp - row_sums(dp * p))
+        return input_grad_fused(p, dp, row_sum)
+    return p * (dp - row_sum)
 
 
 @fuse
