@@ -95,6 +95,8 @@ def parse_args(argv=None):
                         "the end-of-text token, for tokenizers that have one, always ends a sample)")
     parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--reference", action="store_true",
+                        help="sample on the reference layers (minillm/layers: the equations as written) instead of the fast ones")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     for name in ("num_samples", "max_new_tokens"):
@@ -132,6 +134,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tokenizer = load_model(args)
+        model.reference = args.reference
     except (checkpoint.CheckpointError, backend.BackendError, hf.PretrainedError) as err:
         return fail(err, args.debug)
     try:

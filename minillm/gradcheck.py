@@ -128,6 +128,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
+    parser.add_argument("--reference", action="store_true",
+                        help="check the model on the reference layers (minillm.layers) instead of the fast ones")
     return parser.parse_args(argv)
 
 
@@ -137,7 +139,7 @@ def main(argv=None):
         vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
     )
-    model = GPT(config, seed=args.seed, dtype="float64", device=args.device)
+    model = GPT(config, seed=args.seed, dtype="float64", device=args.device, reference=args.reference)
     if args.lora_rank:
         model = model.with_lora(args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
     randomize(model.params, args.seed)

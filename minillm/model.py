@@ -18,22 +18,24 @@ attention layer's keys and values of the earlier positions kept in a KV cache
 Parameters live in one place, the dict `model.params`, under GPT-2's names
 (`h.0.attn.c_attn.weight`, ...), with every weight stored input-by-output.
 
-Fine-tuning options. Names in `model.frozen` do not train: backward returns no
-gradient for them and skips the work that only they need (a frozen linear layer's
-weight gradient; every block below the lowest one with something to train). With
-`config.lora_rank` r > 0 the chosen projections get LoRA adapters (layers/lora.py),
-`h.{i}.attn.c_attn.lora_a` (C, r) and `.lora_b` (r, 3C) and so on, and every forward
-pass uses w + (alpha / r) a @ b in place of their weight w.
+Two readings of every layer compute the same numbers: `minillm.layers`, the reference
+written as the equations read, and `minillm.fast`, the same functions tuned for speed.
+The model runs on the fast layers; GPT(..., reference=True) runs it on the reference.
+
+Fine-tuning (frozen parameters, LoRA adapters) reaches forward and backward through one
+object, a finetune.Tuning: the weights a pass uses, which gradients backward forms, and
+how the weights' gradients become the trainable parameters' (see minillm/finetune.py).
 """
 
+import copy
 import math
 from dataclasses import asdict, dataclass, replace
 
-from minillm import backend
-from minillm.layers import attention, cross_entropy, dropout, embedding, layernorm, linear, lora, mlp
-
-# The projections each --lora-targets part adapts, in every block.
-LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+import minillm.fast
+import minillm.layers
+from minillm import backend, finetune
+from minillm.finetune import LORA_TARGETS
+from minillm.layers import cross_entropy, embedding
 
 
 class ConfigError(ValueError):
@@ -79,10 +81,7 @@ class GPTConfig:
 
     def adapted_layers(self):
         """Names of the linear layers with LoRA adapters (none when lora_rank is 0)."""
-        if not self.lora_rank:
-            return []
-        short = [name for part in self.lora_targets.split(",") for name in LORA_TARGETS[part]]
-        return [f"h.{i}.{name}" for i in range(self.n_layer) for name in short]
+        return finetune.adapted_layers(self)
 
 
 def parameter_shapes(config):
@@ -104,11 +103,8 @@ def parameter_shapes(config):
         add(f"h.{i}.mlp.c_fc", C, 4 * C)
         add(f"h.{i}.mlp.c_proj", 4 * C, C)
     add("ln_f", C)
-    for layer in config.adapted_layers():  # after the rest, so adding adapters keeps the other names' order
-        n_in, n_out = shapes[layer + ".weight"]
-        shapes[layer + ".lora_a"] = (n_in, config.lora_rank)
-        shapes[layer + ".lora_b"] = (config.lora_rank, n_out)
-    return shapes
+    # After the rest, so adding adapters keeps the other names' order.
+    return shapes | finetune.adapter_shapes(config, shapes)
 
 
 def init_params(config, rng, dtype, names=None):
@@ -139,56 +135,56 @@ def init_params(config, rng, dtype, names=None):
     return params
 
 
-def block_forward(x, params, prefix, n_head, dropout_p, rng, kv_cache=None):
-    """One transformer block. Parameters are read as params[prefix + name].
+def block_forward(layers, x, w, prefix, n_head, dropout_p, rng, kv_cache=None):
+    """One transformer block on the layer functions of `layers`; its weights are w[prefix + name].
 
     `kv_cache` (an attention.KVCache) makes x the positions after the cached ones.
     """
-    p = lambda name: params.get(prefix + name)  # None for biases the config leaves out
-    h, ln_1 = layernorm.forward(x, p("ln_1.weight"), p("ln_1.bias"))
-    a, attn = attention.forward(
+    p = lambda name: w.get(prefix + name)  # None for biases the config leaves out
+    h, ln_1 = layers.layernorm.forward(x, p("ln_1.weight"), p("ln_1.bias"))
+    a, attn = layers.attention.forward(
         h, p("attn.c_attn.weight"), p("attn.c_attn.bias"),
         p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng, kv_cache,
     )
-    a, drop_attn = dropout.forward(a, dropout_p, rng)
+    a, drop_attn = layers.dropout.forward(a, dropout_p, rng)
     x = x + a
-    h, ln_2 = layernorm.forward(x, p("ln_2.weight"), p("ln_2.bias"))
-    m, mlp_cache = mlp.forward(
+    h, ln_2 = layers.layernorm.forward(x, p("ln_2.weight"), p("ln_2.bias"))
+    m, mlp = layers.mlp.forward(
         h, p("mlp.c_fc.weight"), p("mlp.c_fc.bias"), p("mlp.c_proj.weight"), p("mlp.c_proj.bias")
     )
-    m, drop_mlp = dropout.forward(m, dropout_p, rng)
+    m, drop_mlp = layers.dropout.forward(m, dropout_p, rng)
     x = x + m
-    return x, (ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp)
+    return x, (ln_1, attn, drop_attn, ln_2, mlp, drop_mlp)
 
 
-def block_backward(dx, cache, prefix, needed):
-    """Gradient of one block: returns (dx_in, {param name: gradient}) for the names in `needed`.
+def block_backward(layers, dx, cache, prefix, tuning):
+    """Gradient of one block: (dx_in, {weight name: gradient}), the forward's steps in reverse.
 
-    The attention's and the MLP's weight gradients are computed only when one of
-    their parameters is needed: frozen layers pass the gradient on and nothing more.
+    A projection's weight gradients are formed only when `tuning` wants one of them: a
+    frozen layer passes the gradient on and does nothing more.
     """
-    ln_1, attn, drop_attn, ln_2, mlp_cache, drop_mlp = cache
+    ln_1, attn, drop_attn, ln_2, mlp, drop_mlp = cache
     names = lambda *short: [prefix + s for s in short]
     grads = {}
 
     # x_out = x_mid + dropout(mlp(ln_2(x_mid))): dx flows straight through and through the branch.
-    dm = dropout.backward(dx, drop_mlp)
+    dm = layers.dropout.backward(dx, drop_mlp)
     mlp_names = names("mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-    dh, *dmlp = mlp.backward(dm, mlp_cache, weight_grads=not needed.isdisjoint(mlp_names))
+    dh, *dmlp = layers.mlp.backward(dm, mlp, weight_grads=tuning.wants(*mlp_names))
     grads.update(zip(mlp_names, dmlp))
-    dh, *dln = layernorm.backward(dh, ln_2)
+    dh, *dln = layers.layernorm.backward(dh, ln_2)
     grads.update(zip(names("ln_2.weight", "ln_2.bias"), dln))
     dx = dx + dh
 
     # x_mid = x_in + dropout(attention(ln_1(x_in))): the same pattern.
-    da = dropout.backward(dx, drop_attn)
+    da = layers.dropout.backward(dx, drop_attn)
     attn_names = names("attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias")
-    dh, *dattn = attention.backward(da, attn, weight_grads=not needed.isdisjoint(attn_names))
+    dh, *dattn = layers.attention.backward(da, attn, weight_grads=tuning.wants(*attn_names))
     grads.update(zip(attn_names, dattn))
-    dh, *dln = layernorm.backward(dh, ln_1)
+    dh, *dln = layers.layernorm.backward(dh, ln_1)
     grads.update(zip(names("ln_1.weight", "ln_1.bias"), dln))
     dx = dx + dh
-    return dx, {name: g for name, g in grads.items() if g is not None and name in needed}
+    return dx, grads
 
 
 class GPT:
@@ -197,7 +193,8 @@ class GPT:
         model = GPT(config, seed=0, dtype="float32", device="cpu")
         logits, loss = model(idx, targets)   # idx, targets: integer (B, T); loss None without targets
         grads = model.backward()             # dict with the keys and shapes of model.params
-        model.train() / model.eval()         # dropout on / off
+        model.train() / model.eval()         # dropout on / off (eval also keeps nothing for backward)
+        model.reference = True               # run on minillm.layers, the reference (default: minillm.fast)
 
         kv_cache = model.new_kv_cache(B)     # sampling: run the prompt once,
         logits = model.decode(prompt, kv_cache)          # then one token at a time
@@ -208,7 +205,7 @@ class GPT:
         plain = lora_model.merged()           # adapters folded into the weights: the same logits
     """
 
-    def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None):
+    def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None, reference=False):
         """`params` (name -> array of this dtype on this device) replaces the random initial weights."""
         self.config = config
         self.dtype = backend.dtype_of(dtype)
@@ -217,9 +214,15 @@ class GPT:
         # One seeded generator on the model's device: first the initial weights, then dropout masks.
         self.rng = backend.RNG(seed, self.device)
         self.params = init_params(config, self.rng, self.dtype) if params is None else params
+        self.reference = reference
         self.frozen = set()
         self.training = True
         self._cache = None
+
+    @property
+    def layers(self):
+        """The layer functions this model runs on: minillm.layers (the reference) or minillm.fast."""
+        return minillm.layers if self.reference else minillm.fast
 
     @classmethod
     def from_pretrained(cls, path, dtype="float32", device="cpu"):
@@ -241,6 +244,17 @@ class GPT:
     def eval(self):
         return self.train(False)
 
+    def reseed(self, seed):
+        """Draw the next dropout masks from a generator seeded with `seed`."""
+        self.rng = backend.RNG(seed, self.device)
+
+    def replica(self):
+        """A model on these very parameters with a forward cache and dropout generator of its own,
+        for one thread of a batch split across threads (minillm/parallel.py)."""
+        twin = copy.copy(self)
+        twin._cache = None
+        return twin
+
     def num_params(self):
         """Parameter count; the tied wte is counted once, as in GPT-2's 124M."""
         return sum(int(p.size) for p in self.params.values())
@@ -260,7 +274,7 @@ class GPT:
         config = replace(self.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
         adapters = [name for name in parameter_shapes(config) if name not in self.params]
         params = self.params | init_params(config, backend.RNG(seed, self.device), self.dtype, names=adapters)
-        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params)
+        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params, reference=self.reference)
         model.frozen = set(self.params)
         return model.train(self.training)
 
@@ -273,23 +287,10 @@ class GPT:
         """
         if not self.config.lora_rank:
             return self
-        adapted, _ = self.adapted_params()
+        weights, _ = finetune.adapted_weights(self.config, self.params)
         config = replace(self.config, lora_rank=0)
-        params = {name: adapted[name] for name in parameter_shapes(config)}
-        return GPT(config, dtype=self.dtype, device=self.device, params=params).train(self.training)
-
-    def adapted_params(self):
-        """(the parameters a forward pass uses, the LoRA caches): each adapted weight w is replaced
-        by lora.forward(w, a, b, alpha / r); without adapters, model.params itself."""
-        layers = self.config.adapted_layers()
-        if not layers:
-            return self.params, {}
-        scale = self.config.lora_alpha / self.config.lora_rank
-        params, caches = dict(self.params), {}
-        for layer in layers:
-            w, a, b = (params[f"{layer}.{kind}"] for kind in ("weight", "lora_a", "lora_b"))
-            params[f"{layer}.weight"], caches[layer] = lora.forward(w, a, b, scale)
-        return params, caches
+        params = {name: weights[name] for name in parameter_shapes(config)}
+        return GPT(config, dtype=self.dtype, device=self.device, params=params, reference=self.reference).train(self.training)
 
     def _token_array(self, ids):
         """Integer ids on the model's device (the one host-to-device copy of a batch)."""
@@ -325,41 +326,66 @@ class GPT:
         return self.forward(idx, targets)
 
     def forward(self, idx, targets=None):
-        """logits (B, T, vocab_size) and the mean loss (0-d array), or None without targets."""
-        logits, loss, self._cache = self.forward_with_cache(idx, targets, self.rng)
-        return logits, loss
+        """logits (B, T, vocab_size) and the mean loss (0-d array), or None without targets.
 
-    def forward_with_cache(self, idx, targets=None, rng=None):
-        """forward() that returns what backward needs instead of keeping it: (logits, loss, cache).
-
-        It changes nothing in the model, so several threads may run it at once on
-        different batches, each with its own dropout generator `rng`.
+        In training mode it keeps what backward() needs; in eval mode nothing (evaluation
+        and sampling want no gradients, and kept activations would add to the next step's peak).
         """
-        cfg = self.config
-        p, lora_caches = self.adapted_params()
+        cfg, layers = self.config, self.layers
         idx, targets = self._checked_tokens(idx, targets)
+        tuning = finetune.Tuning(self)
+        w = tuning.weights
         dropout_p = cfg.dropout if self.training else 0.0
-        rng = rng if dropout_p > 0.0 else None
+        rng = self.rng if dropout_p > 0.0 else None
 
-        x, emb_cache = embedding.forward(idx, p["wte.weight"], p["wpe.weight"])
-        x, emb_drop = dropout.forward(x, dropout_p, rng)
+        x, embed = layers.embedding.forward(idx, w["wte.weight"], w["wpe.weight"])
+        x, embed_drop = layers.dropout.forward(x, dropout_p, rng)
         blocks = []
         for i in range(cfg.n_layer):
-            x, block_cache = block_forward(x, p, f"h.{i}.", cfg.n_head, dropout_p, rng)
-            blocks.append(block_cache)
-        x, ln_f = layernorm.forward(x, p["ln_f.weight"], p.get("ln_f.bias"))
-        logits, head = linear.forward(x, p["wte.weight"].T)
-
+            x, block = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, dropout_p, rng)
+            blocks.append(block)
+        x, ln_f = layers.layernorm.forward(x, w["ln_f.weight"], w.get("ln_f.bias"))
+        logits, head = layers.linear.forward(x, w["wte.weight"].T)
         loss = loss_cache = None
         if targets is not None:
-            loss, loss_cache = cross_entropy.forward(logits, targets)
-        return logits, loss, (emb_cache, emb_drop, blocks, ln_f, head, loss_cache, lora_caches)
+            loss, loss_cache = layers.cross_entropy.forward(logits, targets)
+
+        self._cache = (embed, embed_drop, blocks, ln_f, head, loss_cache, tuning) if self.training else None
+        return logits, loss
+
+    def backward(self, dlogits=None):
+        """Gradients of the last forward's loss (or of sum(logits * dlogits)): {name: array} for every
+        parameter not frozen. The same steps as forward, in reverse; the forward's cache is used up."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() in training mode (model.train()) first")
+        (embed, embed_drop, blocks, ln_f, head, loss_cache, tuning), self._cache = self._cache, None
+        layers, grads = self.layers, {}
+        if dlogits is None:
+            if loss_cache is None:
+                raise RuntimeError("backward() without dlogits needs a forward() with targets")
+            dlogits = layers.cross_entropy.backward(1.0, loss_cache)
+
+        dx, dwte_head, _ = layers.linear.backward(dlogits, head, weight_grads=tuning.wants("wte.weight"))
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm.backward(dx, ln_f)
+        # Below tuning.lowest_block nothing trains, so backward stops there. blocks.pop(): each
+        # block's activations go as soon as its gradient is done, so memory falls while the gradients grow.
+        for i in reversed(range(tuning.lowest_block, self.config.n_layer)):
+            dx, block_grads = block_backward(layers, dx, blocks.pop(), f"h.{i}.", tuning)
+            grads.update(block_grads)
+        if tuning.wants("wte.weight", "wpe.weight"):
+            dx = layers.dropout.backward(dx, embed_drop)
+            dwte_embed, grads["wpe.weight"] = layers.embedding.backward(dx, embed)
+            # wte is used twice, as the embedding table and (transposed) as the LM head.
+            grads["wte.weight"] = dwte_embed if dwte_head is None else dwte_embed + dwte_head.T
+        return tuning.gradients(grads)
 
     def new_kv_cache(self, batch_size):
         """Empty key/value buffers for decode(): per layer, k and v of shape (B, n_head, block_size, hs)."""
         cfg = self.config
         return [
-            attention.KVCache(batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, self.dtype, self.xp)
+            self.layers.attention.KVCache(
+                batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, self.dtype, self.xp
+            )
             for _ in range(cfg.n_layer)
         ]
 
@@ -382,70 +408,17 @@ class GPT:
         A model with LoRA adapters forms its adapted weights at every call: merge
         it first (merged()) to sample quickly.
         """
-        cfg, (p, _) = self.config, self.adapted_params()
+        cfg, layers = self.config, self.layers
+        w, _ = finetune.adapted_weights(cfg, self.params)
         idx = self._token_array(idx)
         start, T = kv_cache[0].length, idx.shape[1]
         if start + T > cfg.block_size:
             raise embedding.TokenIdError(
                 f"positions up to {start + T} do not fit the model's block_size {cfg.block_size}"
             )
-        x = p["wte.weight"][idx] + p["wpe.weight"][start : start + T]
+        x = w["wte.weight"][idx] + w["wpe.weight"][start : start + T]
         for i, layer_cache in enumerate(kv_cache):
-            x, _ = block_forward(x, p, f"h.{i}.", cfg.n_head, 0.0, None, layer_cache)
-        x, _ = layernorm.forward(x[:, -1], p["ln_f.weight"], p.get("ln_f.bias"))
-        logits, _ = linear.forward(x, p["wte.weight"].T)
+            x, _ = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, 0.0, None, layer_cache)
+        x, _ = layers.layernorm.forward(x[:, -1], w["ln_f.weight"], w.get("ln_f.bias"))
+        logits, _ = layers.linear.forward(x, w["wte.weight"].T)
         return logits
-
-    def backward(self, dlogits=None):
-        """Gradients of the last forward's loss (or of sum(logits * dlogits)) w.r.t. every parameter."""
-        if self._cache is None:
-            raise RuntimeError("backward() needs a forward() first")
-        cache, self._cache = self._cache, None  # backward uses the cache up
-        return self.backward_from_cache(cache, dlogits)
-
-    def backward_from_cache(self, cache, dlogits=None):
-        """backward() for a cache from forward_with_cache(); like it, safe to run in several threads.
-
-        Returns the gradients of the trainable parameters only (those not in
-        self.frozen), and computes no more than they need: the backward pass stops
-        below the lowest block that holds something to train.
-        """
-        emb_cache, emb_drop, blocks, ln_f, head, loss_cache, lora_caches = cache
-        if dlogits is None:
-            if loss_cache is None:
-                raise RuntimeError("backward() without dlogits needs a forward() with targets")
-            dlogits = cross_entropy.backward(1.0, loss_cache)
-        needed = self._needed_gradients()
-        embeddings_train = "wte.weight" in needed or "wpe.weight" in needed
-
-        grads = {}
-        dx, dwte_head, _ = linear.backward(dlogits, head, weight_grads="wte.weight" in needed)
-        dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm.backward(dx, ln_f)
-        lowest = 0 if embeddings_train else min(
-            (int(name.split(".")[1]) for name in needed if name.startswith("h.")), default=self.config.n_layer
-        )
-        # blocks.pop(): each block's activations go as soon as its gradient is done, so memory
-        # falls while the gradients grow. The cache is used up: forward again before another backward.
-        for i in reversed(range(lowest, self.config.n_layer)):
-            dx, block_grads = block_backward(dx, blocks.pop(), f"h.{i}.", needed)
-            grads.update(block_grads)
-        if embeddings_train:
-            dx = dropout.backward(dx, emb_drop)
-            dwte_embed, grads["wpe.weight"] = embedding.backward(dx, emb_cache)
-            # wte is used twice, as the embedding table and (transposed) as the LM head.
-            grads["wte.weight"] = dwte_embed if dwte_head is None else dwte_embed + dwte_head.T
-        # An adapted weight's gradient G becomes its adapters' gradients.
-        for layer, lora_cache in lora_caches.items():
-            if f"{layer}.weight" in grads:
-                G = grads.pop(f"{layer}.weight")
-                grads[f"{layer}.weight"], grads[f"{layer}.lora_a"], grads[f"{layer}.lora_b"] = lora.backward(G, lora_cache)
-        return {name: grads[name] for name in self.params if name not in self.frozen}
-
-    def _needed_gradients(self):
-        """Names whose gradients backward must form: the trainable parameters, and each adapted
-        weight whose adapters train (lora.backward turns its gradient into theirs)."""
-        needed = set(self.trainable_params())
-        for layer in self.config.adapted_layers():
-            if f"{layer}.lora_a" in needed or f"{layer}.lora_b" in needed:
-                needed.add(f"{layer}.weight")
-        return needed

@@ -10,13 +10,15 @@ Which parameters decay: the matrices and embedding tables (ndim >= 2). Biases an
 LayerNorm gains (ndim 1) do not: shrinking a gain towards 0 is not a simpler
 model, only a different scale, so decaying it would fight the normalisation.
 
-On a GPU each parameter's whole update runs as one fused kernel (backend.fuse)
-instead of a dozen passes over p, g, m and v.
+adamw_update below is these equations as code, the reference; minillm/fast/adamw.py
+is the same update tuned (in place, and one fused kernel on a GPU), what AdamW uses
+unless built with reference=True.
 """
 
 import math
 
-from minillm.backend import fuse, fusing, get_array_module
+import minillm.fast.adamw
+from minillm.backend import get_array_module
 
 
 def decays(param):
@@ -24,10 +26,25 @@ def decays(param):
     return param.ndim >= 2
 
 
-class AdamW:
-    """Updates the arrays of `params` in place; keeps moments for every name in `params`."""
+def adamw_update(p, g, m, v, lr, t, beta1, beta2, eps, weight_decay):
+    """Step t of AdamW for one parameter p with gradient g: updates p, m and v in place."""
+    xp = get_array_module(p)
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * (g * g)
+    m_hat = m / (1.0 - beta1**t)
+    v_hat = v / (1.0 - beta2**t)
+    p[...] = p - lr * weight_decay * p
+    p[...] = p - lr * m_hat / (xp.sqrt(v_hat) + eps)
 
-    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+
+class AdamW:
+    """Updates the arrays of `params` in place; keeps moments for every name in `params`.
+
+    reference=True takes each step with adamw_update above, else with its fast twin.
+    """
+
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, reference=False):
+        self.reference = reference
         self.params = params
         self.lr = lr
         self.beta1, self.beta2 = betas
@@ -42,27 +59,11 @@ class AdamW:
         """One update from `grads` (name -> array); `lr` overrides the base rate for this step."""
         lr = self.lr if lr is None else lr
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        # Fold the bias corrections into scalars (Python floats keep float32 arrays float32).
-        step_size = lr / (1.0 - b1**self.t)
-        v_correction = 1.0 / math.sqrt(1.0 - b2**self.t)
-        xp = get_array_module(*grads.values())
+        update = adamw_update if self.reference else minillm.fast.adamw.adamw_update
         for name, g in grads.items():
-            p, m, v = self.params[name], self.m[name], self.v[name]
-            decay = 1.0 - lr * self.weight_decay if decays(p) else 1.0
-            if fusing(p):
-                adamw_update_fused(p, g, m, v, b1, 1.0 - b1, b2, 1.0 - b2, decay, step_size, v_correction, self.eps)
-                continue
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            if decay != 1.0:
-                p *= decay
-            denom = xp.sqrt(v)
-            denom *= v_correction
-            denom += self.eps
-            p -= step_size * (m / denom)
+            p = self.params[name]
+            decay = self.weight_decay if decays(p) else 0.0
+            update(p, g, self.m[name], self.v[name], lr, self.t, self.beta1, self.beta2, self.eps, decay)
 
     def state_dict(self):
         """Arrays and scalars that, with the parameters, resume training exactly."""
@@ -79,17 +80,6 @@ class AdamW:
                 if saved is None or saved.shape != mine.shape:
                     raise ValueError(f"the saved optimizer state of {name} is missing or has the wrong shape")
                 mine[...] = xp.asarray(saved)
-
-
-@fuse
-def adamw_update_fused(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, decay, step_size, v_correction, eps):
-    """AdamW.step() for one parameter, in place, as one kernel on a GPU (the scalars come ready-made)."""
-    m *= b1
-    m += one_minus_b1 * g
-    v *= b2
-    v += one_minus_b2 * (g * g)
-    p *= decay
-    p -= step_size * (m / (get_array_module(v).sqrt(v) * v_correction + eps))
 
 
 def clip_grad_norm(grads, max_norm):

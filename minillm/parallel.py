@@ -1,8 +1,8 @@
-"""The loss and gradients of one batch, computed on every CPU core.
+"""The loss and gradients of one batch, computed on every CPU core: a wrapper around the model.
 
 NumPy's matrix products already use every core, but its element-wise work
 (GELU, softmax, LayerNorm, the optimizer's updates) runs on one. So the batch is
-split by rows into shards, one per thread: NumPy releases Python's global lock
+split by rows into shards, one per thread (ShardedGPT): NumPy releases Python's global lock
 inside its loops, so the threads truly run at once, and each uses a single BLAS
 thread so that the cores are not oversubscribed.
 
@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from minillm import backend
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
 
@@ -90,36 +89,60 @@ class Workers:
             self._pool.shutdown()
 
 
-def loss_and_gradients(model, idx, targets, rngs, workers):
-    """(mean loss, gradients) of the batch idx, targets (host arrays, (B, T)), split into len(rngs) shards.
+class ShardedGPT:
+    """A GPT whose model(idx, targets) and backward() split the batch by rows across threads.
 
-    Shard s draws its dropout masks from rngs[s]; the same rngs give the same
-    result however the threads are scheduled, since the shards are combined in order.
+    It wraps the model's own pair: each thread runs a replica of the model (the same
+    parameters, its own forward cache and dropout generator) on its rows, and
+    backward() combines the shards' gradients in order, so the result does not depend
+    on how the threads are scheduled. It returns no logits (they stay with the shards:
+    training needs only the loss).
     """
-    rows = numpy.array_split(numpy.arange(len(idx)), min(len(rngs), len(idx)))
-    counts = [int((targets[r] != IGNORE_INDEX).sum()) for r in rows]
-    total = sum(counts)
 
-    def shard(s):
-        _, loss, cache = model.forward_with_cache(idx[rows[s]], targets[rows[s]], rngs[s])
-        grads = model.backward_from_cache(cache)
-        if len(rows) > 1:  # each shard weighs its own share, on its own thread: combining is then a sum
-            weight = counts[s] / max(total, 1)
-            loss = weight * loss
-            for g in grads.values():
-                g *= weight
-        return loss, grads
+    def __init__(self, model, threads):
+        self.model = model
+        self.replicas = [model.replica() for _ in range(threads)]
+        self.workers = Workers(threads)
+        self._weights = None
 
-    results = workers.map(shard, range(len(rows)))
-    loss, grads = results[0]
-    for shard_loss, shard_grads in results[1:]:
-        loss = loss + shard_loss
-        for name, g in shard_grads.items():
-            grads[name] += g
-    return loss, grads
+    def train(self, mode=True):
+        for replica in self.replicas:
+            replica.train(mode)
+        return self
 
+    def eval(self):
+        return self.train(False)
 
-def mean_loss(model, batches, workers):
-    """Mean loss over (idx, targets) batches, a Python float, the batches spread over the threads."""
-    losses = workers.map(lambda batch: model.forward_with_cache(*batch)[1], batches)
-    return backend.to_float(sum(losses)) / len(batches)
+    def reseed(self, seed):
+        """Shard s draws its dropout masks from a generator seeded with (seed, s)."""
+        for s, replica in enumerate(self.replicas):
+            replica.reseed(int(numpy.random.SeedSequence([seed, s]).generate_state(1)[0]))
+
+    def __call__(self, idx, targets):
+        """(None, the batch's mean loss) for host arrays idx, targets (B, T)."""
+        rows = numpy.array_split(numpy.arange(len(idx)), min(len(self.replicas), len(idx)))
+        counts = [int((targets[r] != IGNORE_INDEX).sum()) for r in rows]
+        self._weights = [count / max(sum(counts), 1) for count in counts]
+        losses = self.workers.map(lambda s: self.replicas[s](idx[rows[s]], targets[rows[s]])[1], range(len(rows)))
+        return None, sum(weight * loss for weight, loss in zip(self._weights, losses))
+
+    def backward(self):
+        """The batch's gradients: sum over shards s of (n_s / n) * grads_s."""
+        weights, self._weights = self._weights, None
+
+        def shard(s):
+            grads = self.replicas[s].backward()
+            if len(weights) > 1:  # each shard weighs its own share, on its own thread: combining is then a sum
+                for g in grads.values():
+                    g *= weights[s]
+            return grads
+
+        results = self.workers.map(shard, range(len(weights)))
+        grads = results[0]
+        for shard_grads in results[1:]:
+            for name, g in shard_grads.items():
+                grads[name] += g
+        return grads
+
+    def close(self):
+        self.workers.close()

@@ -53,26 +53,38 @@ def nonfinite_error(step, description, out_dir):
 
 
 class NonfiniteWatch:
-    """The first step whose loss or gradient norm was not finite, recorded on the device without a read."""
+    """Stops training at a step whose loss or gradient norm was not finite, before its update is saved.
 
-    def __init__(self, device, dtype):
+    step_done() runs after each step's gradients, before its update. On the CPU it
+    raises at once, naming the first bad gradient. On a GPU it records the first bad
+    step on the device, without a read, and check() raises at the next sync point.
+    """
+
+    def __init__(self, device, dtype, out_dir):
         xp = backend.array_module(device)
+        self.each_step = checks_each_step(device)
+        self.out_dir = out_dir
         self.first_bad_step = xp.asarray(-1)
         self.loss_then = xp.zeros((), dtype=dtype)
 
-    def record(self, step, loss, grad_norm):
-        """Note the step if it is the first bad one (loss, grad_norm: 0-d device arrays)."""
+    def step_done(self, step, loss, grad_norm, grads):
+        """loss, grad_norm: 0-d device arrays; grads: the step's gradients."""
+        if self.each_step:
+            loss_value = backend.to_float(loss)
+            if not (math.isfinite(loss_value) and math.isfinite(backend.to_float(grad_norm))):
+                raise nonfinite_error(step, describe_nonfinite(loss_value, grads), self.out_dir)
+            return
         xp = backend.get_array_module(loss)
         # inf - inf and nan both give nan: the sum is finite only when both are.
         first = (self.first_bad_step < 0) & ~xp.isfinite(loss + grad_norm)
         self.first_bad_step = xp.where(first, step, self.first_bad_step)
         self.loss_then = xp.where(first, loss, self.loss_then)
 
-    def check(self, out_dir):
+    def check(self):
         """Raise TrainingError if a recorded step went bad (a read: waits for the device)."""
         step = int(backend.to_host(self.first_bad_step))
         if step >= 0:  # that step's gradients are gone: the description stops at the loss and the norm
-            raise nonfinite_error(step, describe_nonfinite(backend.to_float(self.loss_then), {}), out_dir)
+            raise nonfinite_error(step, describe_nonfinite(backend.to_float(self.loss_then), {}), self.out_dir)
 
 
 class StepClock:

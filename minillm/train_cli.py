@@ -60,6 +60,7 @@ HELP = {
     "device": "cpu, cuda, or auto (CUDA when CuPy and a GPU are present)",
     "dtype": "float32 or float64",
     "threads": "CPU threads; the batch is split between them (0: one per core; 1 on a GPU)",
+    "reference": "run on the reference layers (minillm/layers: the equations as written) instead of the fast ones",
 }
 
 

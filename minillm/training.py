@@ -13,6 +13,9 @@ fresh optimizer and schedule, and may
     stop early after --patience evaluations without a better validation loss.
 Frozen parameters get no optimizer state.
 
+One step is train_step, first below: the whole of training in miniature. The rest
+of the module is the loop around it: setup, the loop itself, and the finish.
+
 Randomness is counter-based: the batches and the dropout masks of step k come
 from generators seeded with (seed, k). Resuming at step k therefore needs no saved
 generator state, and a resumed run repeats an uninterrupted one exactly.
@@ -26,6 +29,7 @@ The out dir holds:
     loss.png     the loss curves (when matplotlib is installed)
 """
 
+import contextlib
 import math
 import signal
 import time
@@ -38,7 +42,7 @@ from minillm import backend, checkpoint, data, parallel, sft
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.progress import PLOT_FILE, Progress, plot_losses
-from minillm.readback import NonfiniteWatch, StepClock, checks_each_step, describe_nonfinite, nonfinite_error
+from minillm.readback import NonfiniteWatch, StepClock
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer
 
@@ -48,6 +52,43 @@ MERGED_CHECKPOINT = "merged.npz"
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
+
+
+def train_step(model, optimizer, batch, step, cfg, watch):
+    """One optimizer step; returns (mean loss, gradient norm before clipping, tokens).
+
+    `model` is a GPT, or a parallel.ShardedGPT (the same pair, the batch split across
+    threads); `batch(rng)` draws a micro-batch (idx, targets); `watch` is a NonfiniteWatch.
+    """
+    batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
+    loss, grads, tokens = 0.0, None, 0
+    for micro in range(cfg.grad_accum):
+        idx, targets = batch(batch_rng)
+        model.reseed(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro))  # this micro-batch's dropout masks
+        _, micro_loss = model(idx, targets)
+        grads = add_gradients(grads, model.backward())
+        loss, tokens = loss + micro_loss / cfg.grad_accum, tokens + idx.size
+    if cfg.grad_accum > 1:
+        for g in grads.values():
+            g *= 1.0 / cfg.grad_accum  # the mean over micro-batches
+    grad_norm = clip_grad_norm(grads, cfg.grad_clip)
+    watch.step_done(step, loss, grad_norm, grads)  # a non-finite step stops here, before its update
+    optimizer.step(grads, lr=learning_rate(step, cfg))
+    return loss, grad_norm, tokens
+
+
+def add_gradients(total, grads):
+    """total + grads, added into total's arrays (total None: grads itself)."""
+    if total is None:
+        return grads
+    for name, g in grads.items():
+        total[name] += g
+    return total
+
+
+def learning_rate(step, cfg):
+    """The step's learning rate: linear warmup, then cosine decay to --min-lr."""
+    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
 
 
 @dataclass
@@ -93,6 +134,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 0  # 0: one per CPU core (1 on a GPU)
+    reference: bool = False  # run on the reference layers (minillm.layers) instead of the fast ones
 
 
 PRESETS = {
@@ -183,45 +225,11 @@ def prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir):
     return train_split, val_split, summary, lambda split, rng: sft.get_batch(split, cfg.batch_size, rng)
 
 
-def estimate_loss(model, batches, workers):
-    """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
-    model.eval()
-    loss = parallel.mean_loss(model, batches, workers)
-    model.train()
-    return loss
-
-
 def sample_text(model, tokenizer, n_tokens, seed):
     """A sample that starts from a newline (or token 0 when the vocabulary has none)."""
     start = encode_prompt(tokenizer, "")
     ids = generate(model, numpy.array([start]), n_tokens, temperature=0.8, seed=seed)
     return tokenizer.decode(backend.to_host(ids)[0, len(start):])
-
-
-def step_gradients(model, train_split, batch, cfg, step, workers, device):
-    """(mean loss, mean gradients, tokens) over the step's grad_accum micro-batches batch(train_split, rng).
-
-    The micro-batches, and each thread's dropout masks, come from generators
-    seeded with the step: the same step always sees the same data and masks.
-    """
-    batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
-    total_loss, grads, tokens = 0.0, None, 0
-    for micro in range(cfg.grad_accum):
-        x, y = batch(train_split, batch_rng)
-        tokens += x.size
-        rngs = [backend.RNG(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro, shard), device)
-                for shard in range(cfg.threads)]
-        loss, micro_grads = parallel.loss_and_gradients(model, x, y, rngs, workers)
-        total_loss = total_loss + loss
-        if grads is None:
-            grads = micro_grads
-        else:
-            for name, g in micro_grads.items():
-                grads[name] += g
-    if cfg.grad_accum > 1:
-        for g in grads.values():
-            g *= 1.0 / cfg.grad_accum
-    return total_loss / cfg.grad_accum, grads, tokens
 
 
 def frozen_names(model, cfg):
@@ -256,7 +264,7 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
     )
     if resumed is None:
         if pretrained is None:
-            model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device)
+            model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype, device=device, reference=cfg.reference)
         else:
             model = pretrained[0].train()
             model.config.dropout = cfg.dropout
@@ -281,8 +289,10 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
         if model.dtype != backend.dtype_of(cfg.dtype):
             raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
         start_step, best_val, since_best = meta["step"], meta["best_val_loss"], meta.get("evals_since_best", 0)
+    model.reference = cfg.reference
     model.frozen = frozen_names(model, cfg)
-    optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                      reference=cfg.reference)
     if optimizer_state is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
@@ -291,11 +301,44 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
     return model, optimizer, start_step, best_val, since_best
 
 
+@dataclass
+class Run:
+    """A training run once set up: what the loop works on and what it keeps track of."""
+
+    cfg: TrainConfig
+    device: str
+    out_dir: Path
+    tokenizer: object
+    model: GPT
+    optimizer: AdamW
+    batch: object  # batch(split, rng) -> (idx, targets)
+    train_split: object
+    eval_batches: dict  # "train" / "val" -> fixed batches
+    step: int  # the next step to take
+    best_val: float
+    since_best: int  # evaluations since the best val loss
+
+    @property
+    def best_path(self):
+        return self.out_dir / BEST_CHECKPOINT
+
+    @property
+    def last_path(self):
+        return self.out_dir / LAST_CHECKPOINT
+
+    def save(self, path, **extra):
+        checkpoint.save(
+            path, self.model, self.tokenizer, self.optimizer, step=self.step, best_val_loss=self.best_val,
+            evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
+        )
+
+
 # A non-finite loss or gradient is caught and reported with its step (and, on the CPU, its layer);
 # NumPy's overflow warnings would only say the same thing earlier and less clearly.
 @numpy.errstate(over="ignore", invalid="ignore")
 def train(cfg):
-    """Run training as configured; returns the best model (reloaded from its checkpoint)."""
+    """Run training as configured; returns the best model (reloaded from its checkpoint), or None
+    when Ctrl-C stopped it (the state is saved for --resume)."""
     validate(cfg)
     device = backend.resolve_device(cfg.device)
     # A concrete thread count, saved with the run: the dropout masks depend on how the batch is split.
@@ -307,11 +350,22 @@ def train(cfg):
         raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
     parallel.keep_freed_memory()
     with checkpoint.exclusive(out_dir):
-        return run(cfg, device, out_dir)
+        run = setup(cfg, device, out_dir)
+        started = time.perf_counter()
+        start_step = run.step
+        progress = Progress(cfg, start_step, out_dir)
+        try:
+            with ctrl_c_requests_stop() as stop_requested:
+                outcome = loop(run, progress, stop_requested)
+        finally:
+            progress.close()
+        if outcome is None:
+            return None
+        return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
 
 
-def run(cfg, device, out_dir):
-    """The training run of train(), once the options are checked and the out dir is ours."""
+def setup(cfg, device, out_dir):
+    """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed."""
     text, corpus_name, examples = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
@@ -326,120 +380,138 @@ def run(cfg, device, out_dir):
         name: [batch(split, eval_rng) for _ in range(cfg.eval_iters)]
         for name, split in (("train", train_split), ("val", val_split))
     }
-    best_path, last_path = out_dir / BEST_CHECKPOINT, out_dir / LAST_CHECKPOINT
     trainable = sum(int(p.size) for p in model.trainable_params().values())
     print(
         f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
         f"model: {model.num_params():,} parameters, {trainable:,} trainable "
         f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device}"
         + (" (--device auto found no CUDA GPU with CuPy)" if cfg.device == "auto" and device == "cpu" else "") + " "
-        f"({cfg.dtype}, {cfg.threads} threads)" + (f"; resuming at step {start_step}" if start_step else "")
+        f"({cfg.dtype}, {cfg.threads} threads" + (", reference layers" if cfg.reference else "") + ")"
+        + (f"; resuming at step {start_step}" if start_step else "")
     )
+    return Run(cfg, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches,
+               start_step, best_val, since_best)
 
-    def save(path, step, **extra):
-        checkpoint.save(
-            path, model, tokenizer, optimizer,
-            step=step, best_val_loss=best_val, evals_since_best=since_best, train_config=asdict(cfg), **extra,
-        )
 
-    stop_requested = False
+@contextlib.contextmanager
+def ctrl_c_requests_stop():
+    """Within the block, a first Ctrl-C sets the yielded flag (stop_requested[0]); a second stops at once."""
+    stop_requested = [False]
 
     def request_stop(signum, frame):
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        stop_requested[0] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
-    started_run = time.perf_counter()
-    progress = Progress(cfg, start_step, out_dir)
-    workers = parallel.Workers(cfg.threads)
-    plotted = True
-    stopped_early = False
+    try:
+        yield stop_requested
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+
+def loop(run, progress, stop_requested):
+    """Steps from run.step to --max-iters, with evaluations, saves and progress lines.
+
+    Returns (the last evaluation's losses, whether the loss curve was drawn), or None
+    when Ctrl-C stopped the run (its state saved in last.npz).
+    """
+    cfg = run.cfg
+    model = run.model if cfg.threads == 1 else parallel.ShardedGPT(run.model, cfg.threads)
     # Reading values back is free on the CPU and costly on a GPU: see minillm/readback.py.
-    check_each_step = checks_each_step(device)
-    clock, watch = StepClock(device), NonfiniteWatch(device, model.dtype)
+    clock, watch = StepClock(run.device), NonfiniteWatch(run.device, run.model.dtype, run.out_dir)
 
     def sync_point():
         """Let the device finish the queued steps; fail if one of them went non-finite."""
         clock.pause()
-        watch.check(out_dir)
+        watch.check()
 
+    start_step, stopped_early = run.step, False
     try:
-        for step in range(start_step, cfg.max_iters + 1):
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+        while True:
+            step = run.step
+            if step % cfg.eval_interval == 0 or step >= cfg.max_iters:
                 sync_point()
-                losses = {name: estimate_loss(model, batches, workers) for name, batches in eval_batches.items()}
-                progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-                sample = sample_text(model, tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
-                progress.print(
-                    f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}\n"
-                    f"  sample: {sample!r}"
-                )
-                if losses["val"] < best_val:
-                    best_val, since_best = losses["val"], 0
-                    save(best_path, step, val_loss=best_val)
-                elif step > start_step:
-                    since_best += 1
-                plotted = plot_losses(progress.log_path, out_dir / PLOT_FILE)
-                stopped_early = cfg.patience and since_best >= cfg.patience
-            if (step % cfg.save_interval == 0 and step > start_step) or step == cfg.max_iters or stopped_early:
+                losses, plotted = evaluate_and_keep_best(run, model, progress, start_step)
+                stopped_early = cfg.patience and run.since_best >= cfg.patience
+            if (step % cfg.save_interval == 0 and step > start_step) or step >= cfg.max_iters or stopped_early:
                 sync_point()
-                save(last_path, step)
+                run.save(run.last_path)
             if stopped_early:
                 progress.print(
-                    f"early stop at step {step}: no better val loss in {since_best} evaluations (--patience {cfg.patience})"
+                    f"early stop at step {step}: no better val loss in {run.since_best} evaluations (--patience {cfg.patience})"
                 )
-                break
-            if step == cfg.max_iters:
-                break
-            if stop_requested:
+            if stopped_early or step >= cfg.max_iters:
+                return losses, plotted
+            if stop_requested[0]:
                 sync_point()
-                save(last_path, step)
-                progress.print(f"stopped at step {step}; saved {last_path}; continue with --resume")
+                run.save(run.last_path)
+                progress.print(f"stopped at step {step}; saved {run.last_path}; continue with --resume")
                 return None
 
             clock.start()
-            lr = cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
-            loss, grads, tokens = step_gradients(model, train_split, batch, cfg, step, workers, device)
-            grad_norm = clip_grad_norm(grads, cfg.grad_clip)
-            if check_each_step:
-                loss_value = backend.to_float(loss)
-                if not (math.isfinite(loss_value) and math.isfinite(backend.to_float(grad_norm))):
-                    raise nonfinite_error(step, describe_nonfinite(loss_value, grads), out_dir)
-            else:
-                watch.record(step, loss, grad_norm)
-            optimizer.step(grads, lr=lr)
+            loss, grad_norm, tokens = train_step(model, run.optimizer, lambda rng: run.batch(run.train_split, rng),
+                                                 step, cfg, watch)
             clock.count(tokens)
-
-            show = (step + 1) % cfg.log_interval == 0 or step == start_step
-            if show:
+            run.step = step + 1
+            if run.step % cfg.log_interval == 0 or step == start_step:
                 sync_point()
                 ms_per_step, tokens_per_s = clock.rates()
                 progress.report(
-                    {"step": step + 1, "loss": backend.to_float(loss), "grad_norm": backend.to_float(grad_norm),
-                     "lr": lr, "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s}
+                    {"step": run.step, "loss": backend.to_float(loss), "grad_norm": backend.to_float(grad_norm),
+                     "lr": learning_rate(step, cfg), "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s}
                 )
             progress.advance()
     finally:
-        workers.close()
-        progress.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        if model is not run.model:
+            model.close()
 
-    best_model, _, meta, _ = checkpoint.load(best_path, device=device)
+
+def evaluate_and_keep_best(run, model, progress, start_step):
+    """Both splits' losses, a short sample, the best checkpoint when val improved, the loss curve.
+
+    Returns (losses, whether the loss curve was drawn).
+    """
+    cfg, step = run.cfg, run.step
+    losses = {name: estimate_loss(model, batches) for name, batches in run.eval_batches.items()}
+    progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+    sample = sample_text(run.model, run.tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
+    progress.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}\n  sample: {sample!r}")
+    if losses["val"] < run.best_val:
+        run.best_val, run.since_best = losses["val"], 0
+        run.save(run.best_path, val_loss=run.best_val)
+    elif step > start_step:
+        run.since_best += 1
+    return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
+
+
+def estimate_loss(model, batches):
+    """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
+    model.eval()
+    total = sum(model(idx, targets)[1] for idx, targets in batches)
+    model.train()
+    return backend.to_float(total) / len(batches)
+
+
+def finish(run, start_step, seconds, log_path, losses, plotted):
+    """After the last step: the best checkpoint reloaded, a longer sample from it, the LoRA merge, where
+    everything is. Returns the best model (adapters merged)."""
+    cfg = run.cfg
+    best_model, _, meta, _ = checkpoint.load(run.best_path, device=run.device)
+    best_model.reference = cfg.reference
     print(
         f"\nfinal: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
         f"best val loss {meta['val_loss']:.4f} at step {meta['step']}\n"
-        f"trained: steps {start_step} to {step} in {time.perf_counter() - started_run:.1f} s"
+        f"trained: steps {start_step} to {run.step} in {seconds:.1f} s"
     )
     best_model = best_model.merged()  # LoRA adapters folded in (a plain model stays as it is)
-    print("sample from the best checkpoint:\n" + sample_text(best_model, tokenizer, cfg.sample_tokens, cfg.seed))
-    print(f"\ncheckpoint: {best_path} (resume state: {last_path})")
+    print("sample from the best checkpoint:\n" + sample_text(best_model, run.tokenizer, cfg.sample_tokens, cfg.seed))
+    print(f"\ncheckpoint: {run.best_path} (resume state: {run.last_path})")
     if cfg.merge_lora:
-        merged_path = out_dir / MERGED_CHECKPOINT
-        checkpoint.save(merged_path, best_model, tokenizer, step=meta["step"], val_loss=meta["val_loss"],
+        merged_path = run.out_dir / MERGED_CHECKPOINT
+        checkpoint.save(merged_path, best_model, run.tokenizer, step=meta["step"], val_loss=meta["val_loss"],
                         train_config=asdict(cfg))
         print(f"LoRA adapters merged into the weights: {merged_path}")
-    print(f"log: {progress.log_path}" + (f", loss curve: {out_dir / PLOT_FILE}" if plotted else
+    print(f"log: {log_path}" + (f", loss curve: {run.out_dir / PLOT_FILE}" if plotted else
           " (install matplotlib for a loss-curve picture: pip install -e '.[plots]')"))
-    print(f"sample from it: python generate.py --ckpt {best_path}")
+    print(f"sample from it: python generate.py --ckpt {run.best_path}")
     return best_model

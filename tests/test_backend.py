@@ -1,6 +1,7 @@
 """The backend: device choice, the seeded device RNG, host transfers, and the structural rule
-that array code takes its array module from minillm.backend, never importing numpy or cupy
-itself. (CuPy's results against NumPy's are checked in test_gpu.py.)
+that array code (the reference and fast layers, the model, the optimizer, sampling) takes its
+array module from minillm.backend, never importing numpy or cupy itself. (CuPy's results
+against NumPy's are checked in test_gpu.py.)
 
 The "cuda" cases of `xp_device` (conftest.py) run only where CuPy sees a GPU.
 """
@@ -14,7 +15,8 @@ import pytest
 from minillm import backend
 
 PACKAGE = Path(backend.__file__).resolve().parent
-ARRAY_CODE = sorted(PACKAGE.glob("layers/*.py")) + [PACKAGE / name for name in ("model.py", "optim.py", "sampling.py")]
+ARRAY_CODE = (sorted(PACKAGE.glob("layers/*.py")) + sorted(PACKAGE.glob("fast/*.py"))
+              + [PACKAGE / name for name in ("model.py", "optim.py", "sampling.py")])
 ARRAY_LIBRARIES = ("numpy", "cupy")
 
 
@@ -46,7 +48,8 @@ def test_array_code_does_not_import_numpy_or_cupy(path):
 
 
 def test_array_code_list_is_not_empty():
-    assert len(ARRAY_CODE) >= 11 and all(p.exists() for p in ARRAY_CODE)
+    assert len(ARRAY_CODE) >= 20 and all(p.exists() for p in ARRAY_CODE)
+    assert {p.parent.name for p in ARRAY_CODE} >= {"layers", "fast"}
 
 
 def test_device_resolution(monkeypatch):

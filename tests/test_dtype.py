@@ -2,7 +2,8 @@
 
 Every floating array reachable from the logits, the loss, the gradients, the
 parameters, the optimizer moments and the model's forward cache must be float32,
-and so must every layer's outputs, caches and gradients on float32 inputs. A
+and so must every layer's outputs, caches and gradients on float32 inputs, in the
+reference layers (minillm.layers) and the fast ones (minillm.fast) alike. A
 stray float64 (a NumPy scalar, an upcast by a float64 constant) would double the
 memory and halve the speed of training without any visible error.
 """
@@ -10,8 +11,10 @@ memory and halve the speed of training without any visible error.
 import numpy
 import pytest
 
+import minillm.fast
+import minillm.layers
 from minillm import backend
-from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
+from minillm.layers import cross_entropy
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 
@@ -67,31 +70,43 @@ def f32(rng, *shape):
     return rng.normal(size=shape).astype(numpy.float32)
 
 
-def layer_case(name, rng):
-    """(forward, inputs, backward) of one layer on float32 inputs; dropout on wherever a layer has it."""
+def layer_case(name, rng, L):
+    """(forward, inputs, backward) of package L's layer on float32 inputs; dropout on wherever a layer has it."""
     x = f32(rng, 2, 3, 8)
     return {
-        "linear": (linear.forward, (x, f32(rng, 8, 5), f32(rng, 5)), linear.backward),
-        "layernorm": (layernorm.forward, (x, f32(rng, 8), f32(rng, 8)), layernorm.backward),
-        "gelu": (gelu.forward, (x,), gelu.backward),
-        "softmax": (softmax.forward, (x,), softmax.backward),
-        "dropout": (lambda x: dropout.forward(x, 0.3, backend.RNG(0)), (x,), dropout.backward),
-        "mlp": (mlp.forward, (x, f32(rng, 8, 32), f32(rng, 32), f32(rng, 32, 8), f32(rng, 8)), mlp.backward),
-        "attention": (lambda *a: attention.forward(*a, 2, 0.2, backend.RNG(0)),
-                      (x, f32(rng, 8, 24), f32(rng, 24), f32(rng, 8, 8), f32(rng, 8)), attention.backward),
-        "embedding": (embedding.forward, (rng.integers(0, 5, (2, 3)), f32(rng, 5, 8), f32(rng, 4, 8)),
-                      embedding.backward),
-        "cross_entropy": (lambda z: cross_entropy.forward(z, numpy.array([[1, 2, -1], [0, 7, 3]])), (x,),
-                          lambda dloss, cache: cross_entropy.backward(1.0, cache)),
+        "linear": (L.linear.forward, (x, f32(rng, 8, 5), f32(rng, 5)), L.linear.backward),
+        "layernorm": (L.layernorm.forward, (x, f32(rng, 8), f32(rng, 8)), L.layernorm.backward),
+        "gelu": (L.gelu.forward, (x,), L.gelu.backward),
+        "softmax": (L.softmax.forward, (x,), L.softmax.backward),
+        "dropout": (lambda x: L.dropout.forward(x, 0.3, backend.RNG(0)), (x,), L.dropout.backward),
+        "mlp": (L.mlp.forward, (x, f32(rng, 8, 32), f32(rng, 32), f32(rng, 32, 8), f32(rng, 8)), L.mlp.backward),
+        "attention": (lambda *a: L.attention.forward(*a, 2, 0.2, backend.RNG(0)),
+                      (x, f32(rng, 8, 24), f32(rng, 24), f32(rng, 8, 8), f32(rng, 8)), L.attention.backward),
+        "embedding": (L.embedding.forward, (rng.integers(0, 5, (2, 3)), f32(rng, 5, 8), f32(rng, 4, 8)),
+                      L.embedding.backward),
+        "cross_entropy": (lambda z: L.cross_entropy.forward(z, numpy.array([[1, 2, -1], [0, 7, 3]])), (x,),
+                          lambda dloss, cache: L.cross_entropy.backward(1.0, cache)),
+        "lora": (lambda *a: L.lora.forward(*a, 2.0), (f32(rng, 8, 5), f32(rng, 8, 2), f32(rng, 2, 5)),
+                 L.lora.backward),
     }[name]
 
 
+@pytest.mark.parametrize("package", [minillm.layers, minillm.fast], ids=["reference", "fast"])
 @pytest.mark.parametrize("name", ["linear", "layernorm", "gelu", "softmax", "dropout", "mlp", "attention",
-                                  "embedding", "cross_entropy"])
-def test_each_layer_keeps_float32(name):
-    forward, inputs, backward = layer_case(name, numpy.random.default_rng(0))
+                                  "embedding", "cross_entropy", "lora"])
+def test_each_layer_keeps_float32(name, package):
+    forward, inputs, backward = layer_case(name, numpy.random.default_rng(0), package)
     out, cache = forward(*inputs)
     grads = backward(numpy.ones_like(out), cache)
     assert_float32_only(out, f"{name} output")
     assert_float32_only(cache, f"{name} cache", at_least=0)  # embedding keeps only ids and shapes
     assert_float32_only(grads, f"{name} gradients")
+
+
+@pytest.mark.parametrize("package", [minillm.layers, minillm.fast], ids=["reference", "fast"])
+def test_kv_cache_decoding_keeps_float32(package):
+    rng = numpy.random.default_rng(0)
+    x, weights = f32(rng, 2, 3, 8), (f32(rng, 8, 24), f32(rng, 24), f32(rng, 8, 8), f32(rng, 8))
+    kv_cache = package.attention.KVCache(2, 2, 4, 4, numpy.float32, numpy)
+    outs = [package.attention.forward(x[:, a:b], *weights, 2, kv_cache=kv_cache)[0] for a, b in ((0, 2), (2, 3))]
+    assert_float32_only([outs, kv_cache.k, kv_cache.v], "decoded outputs and the key/value cache", at_least=4)

@@ -1,7 +1,8 @@
-"""The fused kernels compute what the plain array code computes.
+"""The fused kernels of the fast layers (minillm.fast) compute what their plain array code computes.
 
-Each layer with a fused path (backend.fuse) runs twice on the same inputs: with
-fused kernels switched off (the plain array code, the reference) and on. On a
+Each fast layer with a fused path (backend.fuse) runs twice on the same inputs: with
+fused kernels switched off (its plain array code) and on; AdamW's fused step likewise.
+(The plain code itself is checked against the reference layers in test_fast.py.) On a
 GPU cupy.fuse compiles the fused functions, which checks the kernels. On the
 CPU the layers would take the plain path both times, so the tests force the
 fused path there: the fused functions' bodies then run as NumPy code, which
@@ -18,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minillm import backend, optim
-from minillm.layers import attention, gelu, layernorm, softmax
+from minillm.fast import adamw, attention, gelu, layernorm, softmax
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not backend.cuda_available(),
                                                                 reason="needs CuPy and a CUDA GPU"))]
@@ -29,9 +30,9 @@ dtypes = st.sampled_from(["float32", "float64"])
 
 @contextlib.contextmanager
 def fused_path():
-    """The fused path wherever fused kernels are on, host arrays included."""
+    """The fused path wherever fused kernels are on, host arrays included (fusing patched in the fast modules)."""
     with contextlib.ExitStack() as stack:
-        for module in (gelu, layernorm, softmax, attention, optim):
+        for module in (gelu, layernorm, softmax, attention, adamw):
             stack.enter_context(mock.patch.object(module, "fusing", lambda *arrays: backend._fusion["enabled"]))
         yield
 

@@ -1,5 +1,5 @@
-"""CuPy gives NumPy's results: every layer, LoRA, a whole training step, a training run, greedy decoding,
-checkpoints.
+"""CuPy gives NumPy's results: every layer (reference and fast), LoRA, a whole training step, a training run,
+greedy decoding, checkpoints.
 
 Each test runs once per device of the `xp_device` fixture; on the CPU it compares
 NumPy with itself (which checks the test), on a GPU CuPy with NumPy. Tolerances:
@@ -10,8 +10,10 @@ one device load on the other with identical numbers.
 import numpy
 import pytest
 
+import minillm.fast
+import minillm.layers
 from minillm import backend, checkpoint, data
-from minillm.layers import attention, cross_entropy, embedding, gelu, layernorm, linear, lora, mlp, softmax
+from minillm.layers import lora
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.sampling import generate
@@ -27,20 +29,22 @@ def relative_error(a, b):
     return float(numpy.abs(a - b).max() / max(numpy.abs(b).max(), 1e-300))
 
 
-def layer_cases(rng):
-    """(name, forward, inputs, backward): float64 inputs on the host; no dropout, so no RNG stream to match."""
+def layer_cases(rng, L=minillm.layers):
+    """(name, forward, inputs, backward) of package L: float64 inputs on the host; no dropout, so no RNG
+    stream to match."""
     x = rng.normal(size=(2, 5, 8))
     w = lambda *shape: rng.normal(size=shape)
     return [
-        ("linear", linear.forward, (x, w(8, 5), w(5)), linear.backward),
-        ("layernorm", layernorm.forward, (x, w(8), w(8)), layernorm.backward),
-        ("gelu", gelu.forward, (x,), gelu.backward),
-        ("softmax", softmax.forward, (x,), softmax.backward),
-        ("mlp", mlp.forward, (x, w(8, 32), w(32), w(32, 8), w(8)), mlp.backward),
-        ("attention", lambda *a: attention.forward(*a, 2), (x, w(8, 24), w(24), w(8, 8), w(8)), attention.backward),
-        ("embedding", embedding.forward, (rng.integers(0, 5, (2, 5)), w(5, 8), w(6, 8)), embedding.backward),
-        ("cross_entropy", lambda z, y: cross_entropy.forward(z, y), (w(2, 5, 7), numpy.array([[1, 2, -1, 0, 6]] * 2)),
-         lambda dloss, cache: (cross_entropy.backward(1.0, cache),)),
+        ("linear", L.linear.forward, (x, w(8, 5), w(5)), L.linear.backward),
+        ("layernorm", L.layernorm.forward, (x, w(8), w(8)), L.layernorm.backward),
+        ("gelu", L.gelu.forward, (x,), L.gelu.backward),
+        ("softmax", L.softmax.forward, (x,), L.softmax.backward),
+        ("mlp", L.mlp.forward, (x, w(8, 32), w(32), w(32, 8), w(8)), L.mlp.backward),
+        ("attention", lambda *a: L.attention.forward(*a, 2), (x, w(8, 24), w(24), w(8, 8), w(8)),
+         L.attention.backward),
+        ("embedding", L.embedding.forward, (rng.integers(0, 5, (2, 5)), w(5, 8), w(6, 8)), L.embedding.backward),
+        ("cross_entropy", lambda z, y: L.cross_entropy.forward(z, y), (w(2, 5, 7), numpy.array([[1, 2, -1, 0, 6]] * 2)),
+         lambda dloss, cache: (L.cross_entropy.backward(1.0, cache),)),
     ]
 
 
@@ -48,10 +52,11 @@ def on(arrays, device, dtype=None):
     return [backend.to_device(a if dtype is None or a.dtype.kind != "f" else a.astype(dtype), device) for a in arrays]
 
 
+@pytest.mark.parametrize("package", [minillm.layers, minillm.fast], ids=["reference", "fast"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", range(8), ids=[c[0] for c in layer_cases(numpy.random.default_rng(0))])
-def test_every_layer_forward_and_backward(xp_device, dtype, case):
-    name, forward, inputs, backward = layer_cases(numpy.random.default_rng(0))[case]
+def test_every_layer_forward_and_backward(xp_device, dtype, case, package):
+    name, forward, inputs, backward = layer_cases(numpy.random.default_rng(0), package)[case]
     inputs = on(inputs, "cpu", dtype)
     out, cache = forward(*inputs)
     dout = numpy.random.default_rng(1).normal(size=out.shape).astype(out.dtype)

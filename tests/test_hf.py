@@ -162,7 +162,7 @@ def test_float16_and_float64_files_are_cast_to_the_requested_dtype(tmp_path):
 
 
 def test_name_mapping_works_on_gradients_and_skips_buffers():
-    model = random_model("float64")
+    model = random_model("float64").train()
     model(IDX, IDX)
     grads = model.backward()
     named = hf.to_hf_state_dict(grads, prefix="transformer.")

@@ -2,9 +2,10 @@
 
 - causality: tokens after position t leave the logits at positions <= t exactly unchanged;
 - the loss at GPT-2 initialisation is close to ln(vocab_size);
-- attention rows are probabilities, exactly 0 above the diagonal, and the causal blocks give the
-  unblocked numbers; LayerNorm rows are standardised;
-- forward and backward leave their inputs, dout and the cache as they found them; the model's
+- attention rows are probabilities, exactly 0 above the diagonal, and the causal blocks of the fast
+  attention give the unblocked numbers; LayerNorm rows are standardised;
+- forward and backward, reference and fast layers alike, leave their inputs, dout and the cache as
+  they found them; the model's
   backward releases each block's activations once used, and asks for a new forward after;
 - dropout: the identity at p = 0 and in eval mode, Bernoulli(1 - p) masks scaled by 1 / (1 - p);
 - the tied embedding's gradient is the sum of its two uses;
@@ -20,9 +21,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import minillm.fast
+import minillm.layers
 from helpers import random_tokens, tiny_model
 from minillm import backend, gradcheck
-from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
+from minillm.layers import cross_entropy, dropout, embedding, layernorm, softmax
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -49,8 +52,10 @@ def test_future_tokens_do_not_change_earlier_logits(config, data, seed):
     changed = idx.copy()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1) % config["vocab_size"]  # every later token differs
     # In training with dropout, a freshly seeded generator per pass draws the same masks for both inputs.
-    before = model.forward_with_cache(idx, rng=backend.RNG(seed))[0]
-    after = model.forward_with_cache(changed, rng=backend.RNG(seed))[0]
+    model.reseed(seed)
+    before = model(idx)[0]
+    model.reseed(seed)
+    after = model(changed)[0]
     assert numpy.array_equal(before[:, : t + 1], after[:, : t + 1])
     if t + 1 < T:  # and the change is visible where it is allowed to be
         assert not numpy.array_equal(before[:, t + 1:], after[:, t + 1:])
@@ -85,10 +90,13 @@ def test_attention_rows_are_probabilities_and_zero_above_the_diagonal(B, T, n_he
     C = n_head * head_size
     x = rng.normal(size=(B, T, C)) * scale  # large scores too: softmax must not overflow
     weights = rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C), rng.normal(size=(C, C)), rng.normal(size=C)
-    _, cache = attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed), query_block=query_block)
+    _, cache = minillm.fast.attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed),
+                                              query_block=query_block)
     blocks = cache[4]
     assert [(a, b) for a, b, *_ in blocks] == [(a, min(a + query_block, T)) for a in range(0, T, query_block)]
-    for a, b, Pd, P, _ in blocks:  # queries a..b-1 against keys 0..b-1; Pd after dropout, P before
+    _, reference_cache = minillm.layers.attention.forward(x, *weights, n_head, dropout_p, backend.RNG(seed))
+    Pd, P = reference_cache[4:6]  # the reference's full square: one block of all T queries
+    for a, b, Pd, P, _ in blocks + [(0, T, Pd, P, None)]:  # queries a..b-1 against keys 0..b-1; Pd after dropout
         above = numpy.triu(numpy.ones((b - a, b), dtype=bool), k=a + 1)  # key u > query position a + t
         for A in (P, Pd):
             assert A.shape == (B, n_head, b - a, b)
@@ -107,8 +115,8 @@ def test_causal_blocks_give_the_unblocked_numbers(B, T, n_head, query_block, see
     dout = rng.normal(size=(B, T, C))
     results = []
     for block in (query_block, T):
-        out, cache = attention.forward(*inputs, n_head, query_block=block)
-        results.append([out, *(g for g in attention.backward(dout, cache) if g is not None)])
+        out, cache = minillm.fast.attention.forward(*inputs, n_head, query_block=block)
+        results.append([out, *(g for g in minillm.fast.attention.backward(dout, cache) if g is not None)])
     for blocked, whole in zip(*results):
         numpy.testing.assert_allclose(blocked, whole, rtol=1e-12, atol=1e-12)
 
@@ -135,28 +143,32 @@ def test_layernorm_rows_have_zero_mean_and_unit_variance(rows, C, mean, std, see
 
 # ------------------------------------------------------------------------------ no hidden writes
 
-def layer_cases(rng):
-    """(name, forward, inputs, backward) with float64 inputs; dropout on where a layer has it."""
+def layer_cases(rng, package):
+    """(name, forward, inputs, backward) of package's layers with float64 inputs; dropout on where a layer has it."""
+    L = package
     x, w = rng.normal(size=(2, 4, 6)), lambda *shape: rng.normal(size=shape)
     targets = numpy.array([[0, 1, -1, 5], [2, 2, 3, 4]])
     return [
-        ("linear", linear.forward, (x, w(6, 5), w(5)), linear.backward),
-        ("layernorm", layernorm.forward, (x, w(6), w(6)), layernorm.backward),
-        ("gelu", gelu.forward, (x,), gelu.backward),
-        ("softmax", softmax.forward, (x,), softmax.backward),
-        ("dropout", lambda x: dropout.forward(x, 0.5, backend.RNG(0)), (x,), dropout.backward),
-        ("mlp", mlp.forward, (x, w(6, 24), w(24), w(24, 6), w(6)), mlp.backward),
-        ("attention", lambda *a: attention.forward(*a, 3, 0.3, backend.RNG(0)), (x, w(6, 18), w(18), w(6, 6), w(6)),
-         attention.backward),
-        ("embedding", embedding.forward, (rng.integers(0, 5, (2, 4)), w(5, 6), w(4, 6)), embedding.backward),
-        ("cross_entropy", lambda z: cross_entropy.forward(z, targets), (x,), cross_entropy.backward),
+        ("linear", L.linear.forward, (x, w(6, 5), w(5)), L.linear.backward),
+        ("layernorm", L.layernorm.forward, (x, w(6), w(6)), L.layernorm.backward),
+        ("gelu", L.gelu.forward, (x,), L.gelu.backward),
+        ("softmax", L.softmax.forward, (x,), L.softmax.backward),
+        ("dropout", lambda x: L.dropout.forward(x, 0.5, backend.RNG(0)), (x,), L.dropout.backward),
+        ("mlp", L.mlp.forward, (x, w(6, 24), w(24), w(24, 6), w(6)), L.mlp.backward),
+        ("attention", lambda *a: L.attention.forward(*a, 3, 0.3, backend.RNG(0)), (x, w(6, 18), w(18), w(6, 6), w(6)),
+         L.attention.backward),
+        ("embedding", L.embedding.forward, (rng.integers(0, 5, (2, 4)), w(5, 6), w(4, 6)), L.embedding.backward),
+        ("cross_entropy", lambda z: L.cross_entropy.forward(z, targets), (x,), L.cross_entropy.backward),
+        ("lora", lambda *a: L.lora.forward(*a, 2.0), (w(6, 5), w(6, 2), w(2, 5)), L.lora.backward),
     ]
 
 
-@pytest.mark.parametrize("case", range(9), ids=[c[0] for c in layer_cases(numpy.random.default_rng(0))])
-def test_layers_do_not_write_to_their_inputs_or_dout(case):
+@pytest.mark.parametrize("package", [minillm.layers, minillm.fast], ids=["reference", "fast"])
+@pytest.mark.parametrize("case", range(10),
+                         ids=[c[0] for c in layer_cases(numpy.random.default_rng(0), minillm.layers)])
+def test_layers_do_not_write_to_their_inputs_or_dout(package, case):
     """The model reuses activations and gradients (residuals, the tied wte) after passing them on."""
-    name, forward, inputs, backward = layer_cases(numpy.random.default_rng(0))[case]
+    name, forward, inputs, backward = layer_cases(numpy.random.default_rng(0), package)[case]
     kept = [a.copy() for a in inputs]
     out, cache = forward(*inputs)
     dout = numpy.random.default_rng(1).normal(size=numpy.shape(out))
@@ -209,13 +221,14 @@ def test_dropout_mask_statistics(p):
 def test_model_backward_releases_each_block_and_needs_a_new_forward():
     model = tiny_model(n_layer=3)
     idx = random_tokens(7, (2, 5), 0)
-    _, _, cache = model.forward_with_cache(idx, idx)
-    blocks = cache[2]
-    assert len(blocks) == 3
-    model.backward_from_cache(cache)
-    assert blocks == []  # the activations of every block were let go
     model(idx, idx)
+    blocks = model._cache[2]
+    assert len(blocks) == 3
     model.backward()
+    assert blocks == []  # the activations of every block were let go
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        model.backward()
+    model.eval()(idx, idx)  # evaluation keeps nothing for backward
     with pytest.raises(RuntimeError, match="needs a forward"):
         model.backward()
 

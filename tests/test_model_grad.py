@@ -1,5 +1,8 @@
 """The whole GPT's backward() matches central finite differences for every parameter, and so does the CLI.
 
+Both readings of the layers are checked: the model on minillm.fast (the default) and on
+minillm.layers (reference=True).
+
 gradcheck.model_gradient_errors on hypothesis-drawn float64 configs (dropout on and
 off, with and without biases, one to three heads, sequence length 1, vocabulary 2),
 after gradcheck.randomize; every parameter's error must be <= gradcheck.TOLERANCE.
@@ -11,6 +14,7 @@ fail (exit 1) when the tolerance is impossible.
 import subprocess
 import sys
 
+import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -40,9 +44,10 @@ def configs(draw):
 # test_layers_grad.py pins a wrong gradient down to the layer and shrinks it there.
 @settings(max_examples=10, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(config=configs(), batch_size=st.integers(1, 2), data=st.data(), seed=st.integers(0, 2**16))
-def test_model_gradients_match_finite_differences(config, batch_size, data, seed):
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_model_gradients_match_finite_differences(reference, config, batch_size, data, seed):
     T = data.draw(st.integers(1, config.block_size), label="T")
-    model = GPT(config, seed=seed, dtype="float64")
+    model = GPT(config, seed=seed, dtype="float64", reference=reference)
     gradcheck.randomize(model.params, seed)
     idx = random_tokens(config.vocab_size, (batch_size, T), seed)
     targets = random_tokens(config.vocab_size, (batch_size, T), seed + 1)
@@ -55,8 +60,10 @@ def test_model_gradients_match_finite_differences(config, batch_size, data, seed
 @settings(max_examples=6, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(config=configs(), rank=st.integers(1, 3), targets=st.sampled_from(["attn", "mlp", "attn,mlp"]),
        seed=st.integers(0, 2**16))
-def test_lora_adapter_gradients_match_finite_differences(config, rank, targets, seed):
-    model = GPT(config, seed=seed, dtype="float64").with_lora(rank, alpha=2.0, targets=targets, seed=seed)
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_lora_adapter_gradients_match_finite_differences(reference, config, rank, targets, seed):
+    model = GPT(config, seed=seed, dtype="float64", reference=reference)
+    model = model.with_lora(rank, alpha=2.0, targets=targets, seed=seed)
     gradcheck.randomize(model.params, seed)  # b != 0, so that a's gradient is not zero
     idx = random_tokens(config.vocab_size, (2, config.block_size), seed)
     targets_ids = random_tokens(config.vocab_size, (2, config.block_size), seed + 1)
@@ -81,3 +88,5 @@ def test_gradcheck_command_passes_and_can_fail():
     assert " 0 failed" not in failing.stdout and "FAIL" in failing.stdout
     adapters = run_gradcheck("--lora-rank", "2")
     assert adapters.returncode == 0 and "lora_b" in adapters.stdout, adapters.stdout + adapters.stderr
+    reference = run_gradcheck("--reference")
+    assert reference.returncode == 0 and " 0 failed" in reference.stdout, reference.stdout + reference.stderr

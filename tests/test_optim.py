@@ -1,19 +1,22 @@
-"""AdamW follows its docstring's equations step by step, and its state_dict resumes it exactly.
+"""AdamW follows its docstring's equations step by step, on its reference update and its fast one,
+and its state_dict resumes it exactly.
 
 (Weight decay groups, clipping and the schedule: tests/test_invariants.py.)
 """
 
 import numpy
+import pytest
 
 from minillm.optim import AdamW
 
 
-def test_adamw_matches_its_equations_over_several_steps():
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_adamw_matches_its_equations_over_several_steps(reference):
     rng = numpy.random.default_rng(0)
     params = {"w": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}
     start = {k: v.copy() for k, v in params.items()}
     lr, (b1, b2), eps, wd = 0.01, (0.8, 0.9), 1e-8, 0.5
-    optimizer = AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    optimizer = AdamW(params, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, reference=reference)
     expected = {k: v.copy() for k, v in start.items()}
     m = {k: numpy.zeros_like(v) for k, v in start.items()}
     v = {k: numpy.zeros_like(x) for k, x in start.items()}

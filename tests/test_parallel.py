@@ -6,7 +6,7 @@ import threading
 import numpy
 import pytest
 
-from minillm import backend, parallel
+from minillm import parallel
 from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.model import GPT, GPTConfig
 
@@ -20,28 +20,50 @@ def test_sharded_loss_and_gradients_equal_the_whole_batch():
     targets[0, :4] = IGNORE_INDEX  # shards get unequal numbers of counted targets
     _, expected_loss = model(idx, targets)
     expected = model.backward()
-    workers = parallel.Workers(2)
+    for shards in (1, 2, 3):
+        sharded = parallel.ShardedGPT(model, shards)
+        try:
+            _, loss = sharded(idx, targets)
+            grads = sharded.backward()
+        finally:
+            sharded.close()
+        assert abs(float(loss) - float(expected_loss)) < 1e-12
+        assert grads.keys() == expected.keys()
+        for name in expected:
+            numpy.testing.assert_allclose(grads[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_shards_keep_their_caches_apart_and_evaluation_keeps_none():
+    config = GPTConfig(vocab_size=9, block_size=6, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(config, seed=0, dtype="float64")
+    idx = numpy.random.default_rng(1).integers(0, 9, (4, 6))
+    sharded = parallel.ShardedGPT(model, 2)
     try:
-        for shards in (1, 2, 3):
-            rngs = [backend.RNG(s) for s in range(shards)]
-            loss, grads = parallel.loss_and_gradients(model, idx, targets, rngs, workers)
-            assert abs(float(loss) - float(expected_loss)) < 1e-12
-            for name in expected:
-                numpy.testing.assert_allclose(grads[name], expected[name], rtol=1e-10, atol=1e-14)
+        sharded(idx, idx)
+        assert all(replica._cache is not None for replica in sharded.replicas)
+        assert model._cache is None  # the wrapped model's own cache is untouched
+        assert all(replica.params is model.params for replica in sharded.replicas)
+        sharded.backward()
+        sharded.eval()(idx, idx)
+        assert all(replica._cache is None for replica in sharded.replicas)
     finally:
-        workers.close()
+        sharded.close()
 
 
 def test_threads_give_the_same_result_as_one_thread_with_dropout():
+    """Two shards on two threads or on one: the same masks (seeded per shard) and the same sum."""
     config = GPTConfig(vocab_size=9, block_size=6, n_layer=1, n_head=2, n_embd=8, dropout=0.3)
     model = GPT(config, seed=0)
     idx = numpy.random.default_rng(1).integers(0, 9, (4, 6))
     results = []
     for threads in (1, 2):
-        workers = parallel.Workers(threads)
-        rngs = [backend.RNG(s) for s in range(2)]
-        results.append(parallel.loss_and_gradients(model, idx, idx, rngs, workers))
-        workers.close()
+        sharded = parallel.ShardedGPT(model, 2)
+        sharded.workers.close()
+        sharded.workers = parallel.Workers(threads)
+        sharded.reseed(5)
+        _, loss = sharded(idx, idx)
+        results.append((loss, sharded.backward()))
+        sharded.close()
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert float(loss_a) == float(loss_b)
     for name in grads_a:

@@ -1,6 +1,6 @@
 """Sampling: the KV cache changes nothing but the speed; the sampling controls keep what they promise.
 
-- attention and the model with a KV cache give the full forward's outputs (float64, 1e-12);
+- attention (reference and fast) and the model with a KV cache give the full forward's outputs (float64, 1e-12);
 - greedy decoding with the cache gives exactly the tokens without it, across the block_size crop;
 - top-k keeps exactly k tokens (ties included), top-p the smallest set reaching p;
 - samples follow softmax(logits / T); a tiny temperature is greedy; a seed fixes the sample;
@@ -17,8 +17,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import minillm.fast
+import minillm.layers
 from minillm import backend, checkpoint
-from minillm.layers import attention, embedding
+from minillm.layers import embedding
 from minillm.model import GPT, GPTConfig
 from minillm.generate_cli import SampleText
 from minillm.sampling import encode_prompt, generate, keep_top_k, keep_top_p, sample_next, stream
@@ -61,12 +63,13 @@ def random_tokens(model, shape, seed=0):
 # ---------------------------------------------------------------- the KV cache
 
 
+@pytest.mark.parametrize("attention", [minillm.layers.attention, minillm.fast.attention], ids=["reference", "fast"])
 @FAST
 @given(
     B=st.integers(1, 2), n_head=st.integers(1, 3), hs=st.integers(1, 4), T=st.integers(1, 9),
     cuts=st.lists(st.integers(1, 8), max_size=4), seed=st.integers(0, 2**16),
 )
-def test_attention_in_chunks_with_a_cache_equals_the_full_forward(B, n_head, hs, T, cuts, seed):
+def test_attention_in_chunks_with_a_cache_equals_the_full_forward(attention, B, n_head, hs, T, cuts, seed):
     rng = numpy.random.default_rng(seed)
     C = n_head * hs
     x = rng.normal(size=(B, T, C))

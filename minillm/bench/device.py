@@ -7,8 +7,8 @@ the device's array module. A training step is forward, backward, gradient clippi
 and AdamW on one batch, as train.py runs it on a GPU (one thread); FLOPs are
 nanoGPT's count (see bench/training.py), MFU their rate over the ceiling. GPT-2
 small trains with the largest batch of 64, 32, 16, ... that fits. Each step is timed
-in turns with the same step on the plain array code (fused kernels off), and the
-speedup is the median of the per-round ratios. Sampling is greedy with the KV
+in turns with the same step on the plain array code (fused kernels off) and on the
+reference layers (minillm.layers), and each speedup is the median of the per-round ratios. Sampling is greedy with the KV
 cache, batch 1, on the device and, for comparison, on this machine's CPU.
 Every clock is read after synchronising the device. CuPy computes float32 matrix
 products in full float32 unless CUPY_TF32=1 is set: the ceiling and the steps
@@ -43,10 +43,10 @@ def matmul_gflops(device, n=4096):
     return 2 * n**3 / median_seconds(lambda: a @ a, repeat=10, sync=lambda: backend.synchronize(device)) / 1e9
 
 
-def training_step(config, batch_size, device):
+def training_step(config, batch_size, device, reference=False):
     """One training step's function: the batch is copied to the device once, as in train.py."""
-    model = GPT(config, seed=0, device=device)
-    optimizer = AdamW(model.params, lr=1e-4)
+    model = GPT(config, seed=0, device=device, reference=reference)
+    optimizer = AdamW(model.params, lr=1e-4, reference=reference)
     idx = numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
 
     def step():
@@ -75,18 +75,21 @@ def train_row(name, device, steps, gflops_ceiling):
             backend.array_module(device).get_default_memory_pool().free_all_blocks()
         try:
             step = training_step(config, batch_size, device)
-            times = interleaved_times({"fused": step, "plain": plain(step)}, steps, sync)
+            reference = training_step(config, batch_size, device, reference=True)
+            times = interleaved_times({"fused": step, "plain": plain(step), "reference": reference}, steps, sync)
             break
         except MemoryError:  # CuPy's OutOfMemoryError is one
+            step = reference = None  # the failed attempt's arrays go before the next, smaller one
             continue
     else:
-        return [name, "-", "does not fit", "", "", "", "", ""]
-    seconds, plain_seconds = statistics.median(times["fused"]), statistics.median(times["plain"])
-    speedup = statistics.median(p / f for f, p in zip(times["fused"], times["plain"]))
+        return [name, "-", "does not fit", "", "", "", "", "", "", ""]
+    seconds = statistics.median(times["fused"])
+    speedup = lambda other: f"{statistics.median(o / f for f, o in zip(times['fused'], times[other])):.2f}x"
     tokens = batch_size * config.block_size
     achieved = flops_per_step(config, batch_size) / seconds / 1e9
     return [name, batch_size, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", f"{achieved:,.0f}",
-            f"{100 * achieved / gflops_ceiling:.0f}%", f"{1000 * plain_seconds:.1f}", f"{speedup:.2f}x"]
+            f"{100 * achieved / gflops_ceiling:.0f}%", f"{1000 * statistics.median(times['plain']):.1f}", speedup("plain"),
+            f"{1000 * statistics.median(times['reference']):.1f}", speedup("reference")]
 
 
 def sampling_tokens_per_second(config, device, new_tokens):
@@ -108,7 +111,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=5,
-                        help="timed rounds per configuration, each a fused and a plain step (medians)")
+                        help="timed rounds per configuration, each a fused, a plain and a reference step (medians)")
     parser.add_argument("--new-tokens", type=int, default=100, help="tokens sampled per timed run (0: no sampling)")
     parser.add_argument("--write", action="store_true", help=f"put the tables into BENCHMARKS.md under '{TITLE}'")
     args = parser.parse_args(argv)
@@ -122,7 +125,7 @@ def main(argv=None):
         cupy = backend.array_module(device)
         describe = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode() + f", CuPy {cupy.__version__}"
     tables = [format_table(["config", "batch", "ms/step", "tokens/s", "GFLOP/s", "MFU", "plain ms/step",
-                            "fused speedup"], rows)]
+                            "fused speedup", "reference ms/step", "fast speedup"], rows)]
     if args.new_tokens:
         gpt2 = CONFIGS["gpt2"][0]
         on_device = sampling_tokens_per_second(gpt2, device, args.new_tokens)

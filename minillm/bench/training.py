@@ -23,11 +23,13 @@ import time
 
 import numpy
 
-from minillm import backend, parallel
+from minillm import parallel
 from minillm.bench.common import format_table, interleaved_times, write_section
-from minillm.layers import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
+from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, GPTConfig
-from minillm.optim import AdamW, clip_grad_norm
+from minillm.optim import AdamW
+from minillm.readback import NonfiniteWatch
+from minillm.training import TrainConfig, train_step
 
 TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
 CONFIGS = {
@@ -76,19 +78,19 @@ def benchmark_tokens(config, batch_size):
     return numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
 
 
-def training_step(config, batch_size, threads):
-    """A function that runs one minillm training step, as train.py does."""
+def training_step(config, batch_size, threads, reference=False):
+    """A function that runs one minillm training step, train.py's train_step on a fixed batch."""
     parallel.keep_freed_memory()
-    model = GPT(config, seed=0)
-    optimizer = AdamW(model.params, lr=1e-4)
-    workers = parallel.Workers(threads)
+    model = GPT(config, seed=0, reference=reference)
+    optimizer = AdamW(model.params, lr=1e-4, reference=reference)
+    stepper = model if threads == 1 else parallel.ShardedGPT(model, threads)
     idx = benchmark_tokens(config, batch_size)
-    rngs = [backend.RNG(s) for s in range(threads)]
+    cfg = TrainConfig(grad_clip=1.0)
+    watch = NonfiniteWatch("cpu", model.dtype, out_dir=None)
+    steps = iter(range(10**9))
 
     def step():
-        _, grads = parallel.loss_and_gradients(model, idx, idx, rngs, workers)
-        clip_grad_norm(grads, 1.0)
-        optimizer.step(grads)
+        train_step(stepper, optimizer, lambda rng: (idx, idx), next(steps), cfg, watch)
 
     return step
 

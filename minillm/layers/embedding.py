@@ -51,7 +51,7 @@ def backward(dout, cache):
     xp = get_array_module(dout)
     C = dout.shape[-1]
     dwte = xp.zeros(wte_shape, dtype=dout.dtype)
-    xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))
+    xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))   # out[b, t] = wte[idx[b, t]] + ..., repeats add up
     dwpe = xp.zeros(wpe_shape, dtype=dout.dtype)
-    dwpe[: idx.shape[1]] = dout.sum(axis=0)
+    dwpe[: idx.shape[1]] = dout.sum(axis=0)                  # out[b, t] = ... + wpe[t], for every b
     return dwte, dwpe

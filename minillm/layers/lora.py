@@ -24,15 +24,14 @@ its full weight gradient G; frozen layers without adapters skip theirs.
 
 
 def forward(w, a, b, scale):
-    out = a @ b
-    out *= scale
-    out += w
+    out = w + scale * (a @ b)
     return out, (a, b, scale)
 
 
 def backward(dout, cache):
     """Returns (dw, da, db)."""
     a, b, scale = cache
-    da = (dout @ b.T) * scale
-    db = (a.T @ dout) * scale
-    return dout, da, db
+    dw = dout                            # out = w + scale * a @ b
+    da = scale * (dout @ b.T)            # out = w + scale * a @ b
+    db = scale * (a.T @ dout)            # out = w + scale * a @ b
+    return dw, da, db

@@ -27,7 +27,7 @@ def forward(x, w_fc, b_fc, w_proj, b_proj):
 def backward(dout, cache, weight_grads=True):
     """Returns (dx, dw_fc, db_fc, dw_proj, db_proj)."""
     fc_cache, gelu_cache, proj_cache = cache
-    dg, dw_proj, db_proj = linear.backward(dout, proj_cache, weight_grads)
-    dh = gelu.backward(dg, gelu_cache)
-    dx, dw_fc, db_fc = linear.backward(dh, fc_cache, weight_grads)
+    dg, dw_proj, db_proj = linear.backward(dout, proj_cache, weight_grads)   # out = g @ w_proj + b_proj
+    dh = gelu.backward(dg, gelu_cache)                                      # g = gelu(h)
+    dx, dw_fc, db_fc = linear.backward(dh, fc_cache, weight_grads)           # h = x @ w_fc + b_fc
     return dx, dw_fc, db_fc, dw_proj, db_proj

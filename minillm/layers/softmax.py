@@ -2,48 +2,31 @@
 
 Shapes:   s: (..., N)   p: same as s
 
-forward:  p_i = exp(s_i - m) / sum_j exp(s_j - m)      with m = max_j s_j
-          (subtracting m changes nothing mathematically and keeps exp from
-          overflowing; entries equal to -inf get probability exactly 0)
+forward:  m   = max_j s_j                (per row)
+          e_i = exp(s_i - m)
+          p_i = e_i / sum_j e_j
+          Subtracting m changes nothing mathematically (it cancels in the ratio) and
+          keeps exp from overflowing; entries equal to -inf get probability exactly 0.
 
-backward: dp_i/ds_j = p_i (delta_ij - p_j), so
-          ds = p * (dp - sum(dp * p))                  (sum over the last axis)
-
-On a GPU, exp(s - m) forward and the ds line backward each run as one fused
-kernel (backend.fuse).
+backward: dp_i / ds_j = p_i (delta_ij - p_j), so
+          ds_j = sum_i dp_i p_i (delta_ij - p_j) = p_j (dp_j - sum_i dp_i p_i)
+          ds   = p * (dp - sum(dp * p))                  (sum over the last axis)
+          m needs no gradient: p does not depend on it.
 """
 
-from minillm.backend import fuse, fusing, get_array_module
-from minillm.layers.rows import row_sums
+from minillm.backend import get_array_module
 
 
 def forward(s):
-    row_max = s.max(axis=-1, keepdims=True)
-    if fusing(s):
-        p = exp_shifted_fused(s, row_max)
-    else:
-        p = s - row_max
-        get_array_module(s).exp(p, out=p)
-    p /= row_sums(p)
+    xp = get_array_module(s)
+    m = s.max(axis=-1, keepdims=True)
+    e = xp.exp(s - m)
+    p = e / e.sum(axis=-1, keepdims=True)
     return p, p
 
 
 def backward(dp, cache):
     """Returns ds."""
     p = cache
-    row_sum = row_sums(dp * p)
-    if fusing(dp):
-        return input_grad_fused(p, dp, row_sum)
-    return p * (dp - row_sum)
-
-
-@fuse
-def exp_shifted_fused(s, row_max):
-    """exp(s - m) of forward(), as one kernel on a GPU."""
-    return get_array_module(s).exp(s - row_max)
-
-
-@fuse
-def input_grad_fused(p, dp, row_sum):
-    """ds of backward() from sum(dp * p), as one kernel on a GPU."""
-    return p * (dp - row_sum)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))        # p = e / sum(e), e = exp(s - m)
+    return ds

@@ -5,7 +5,8 @@
 
 The same numbers as a.sum(axis=-1, keepdims=True) up to rounding, computed by
 BLAS several times faster than NumPy reduces a short last axis, such as
-LayerNorm's rows of C values and the attention softmax's rows of T.
+LayerNorm's rows of C values and the attention softmax's rows of T (fast/layernorm.py,
+fast/softmax.py; the reference layers use a.sum and a.mean).
 The result keeps a last axis of 1, so it broadcasts against a.
 """
 

@@ -1,0 +1,92 @@
+"""Fine-tuning: frozen parameters and LoRA adapters, kept out of the model's forward and backward.
+
+A GPT trains every parameter unless told otherwise, in two ways:
+
+    model.frozen = {"wte.weight", ...}     these parameters get no gradient (and no optimizer state)
+    config.lora_rank = r > 0               the chosen projections get LoRA adapters (layers/lora.py):
+                                           h.{i}.attn.c_attn.lora_a (C, r) and .lora_b (r, 3C), ...
+
+The model's forward and backward see both through one object, a `Tuning`, made at the
+start of every forward pass (`Tuning(model)`):
+
+    tuning.weights        the weights the pass uses: the parameters, with every adapted
+                          weight w replaced by w + (alpha / r) a @ b
+    tuning.wants(name)    whether backward must form this weight's gradient at all
+    tuning.lowest_block   backward stops below this block: nothing under it trains
+    tuning.gradients(g)   the weights' gradients -> the trainable parameters' gradients
+                          (an adapted weight's gradient becomes its adapters')
+
+For a model with nothing frozen and no adapters the Tuning changes nothing: weights are
+the parameters themselves, every gradient is wanted, backward runs to the embeddings.
+"""
+
+from minillm.layers import lora
+
+# The projections each --lora-targets part adapts, in every block.
+LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"), "mlp": ("mlp.c_fc", "mlp.c_proj")}
+ADAPTERS = ("lora_a", "lora_b")
+
+
+def adapted_layers(config):
+    """Names of the linear layers with LoRA adapters (none when lora_rank is 0)."""
+    if not config.lora_rank:
+        return []
+    short = [name for part in config.lora_targets.split(",") for name in LORA_TARGETS[part]]
+    return [f"h.{i}.{name}" for i in range(config.n_layer) for name in short]
+
+
+def adapter_shapes(config, shapes):
+    """name -> shape of every adapter, given the shapes of the weights they adapt."""
+    adapters = {}
+    for layer in adapted_layers(config):
+        n_in, n_out = shapes[layer + ".weight"]
+        adapters[layer + ".lora_a"] = (n_in, config.lora_rank)
+        adapters[layer + ".lora_b"] = (config.lora_rank, n_out)
+    return adapters
+
+
+def adapted_weights(config, params):
+    """(the weights a forward pass uses, {layer: lora cache}): each adapted weight w becomes
+    lora.forward(w, a, b, alpha / r); without adapters, `params` itself."""
+    layers = adapted_layers(config)
+    if not layers:
+        return params, {}
+    scale = config.lora_alpha / config.lora_rank
+    weights, caches = dict(params), {}
+    for layer in layers:
+        w, a, b = (params[f"{layer}.{kind}"] for kind in ("weight",) + ADAPTERS)
+        weights[f"{layer}.weight"], caches[layer] = lora.forward(w, a, b, scale)
+    return weights, caches
+
+
+def block_index(name):
+    """The block a parameter belongs to (h.3.ln_1.weight -> 3), or None outside the blocks."""
+    return int(name.split(".")[1]) if name.startswith("h.") else None
+
+
+class Tuning:
+    """What fine-tuning changes in one forward and backward pass of `model` (see the module docstring)."""
+
+    def __init__(self, model):
+        self.weights, lora_caches = adapted_weights(model.config, model.params)
+        self._trainable = [name for name in model.params if name not in model.frozen]
+        # An adapted weight's gradient is wanted when its adapters train: lora.backward turns it into theirs.
+        self._trained_adapters = {
+            layer: cache for layer, cache in lora_caches.items()
+            if any(f"{layer}.{kind}" in self._trainable for kind in ADAPTERS)
+        }
+        self._wanted = set(self._trainable) | {f"{layer}.weight" for layer in self._trained_adapters}
+        embeddings = not self._wanted.isdisjoint(("wte.weight", "wpe.weight"))
+        blocks = [block_index(name) for name in self._wanted if block_index(name) is not None]
+        self.lowest_block = 0 if embeddings else min(blocks, default=model.config.n_layer)
+
+    def wants(self, *names):
+        """True when backward must form the gradient of at least one of these weights."""
+        return not self._wanted.isdisjoint(names)
+
+    def gradients(self, grads):
+        """{trainable parameter: gradient}, in the parameters' order, from the weights' gradients."""
+        for layer, cache in self._trained_adapters.items():
+            w_name, a_name, b_name = (f"{layer}.{kind}" for kind in ("weight",) + ADAPTERS)
+            grads[w_name], grads[a_name], grads[b_name] = lora.backward(grads[w_name], cache)
+        return {name: grads[name] for name in self._trainable}
