@@ -60,8 +60,8 @@ def adapted_weights(config, params):
 
 
 def block_index(name):
-    """The block a parameter belongs to (h.3.ln_1.weight -> 3), or None outside the blocks."""
-    return int(name.split(".")[1]) if name.startswith("h.") else None
+    """The block of a parameter named h.{i}.... (h.3.ln_1.weight -> 3)."""
+    return int(name.split(".")[1])
 
 
 class Tuning:
@@ -76,9 +76,11 @@ class Tuning:
             if any(f"{layer}.{kind}" in self._trainable for kind in ADAPTERS)
         }
         self._wanted = set(self._trainable) | {f"{layer}.weight" for layer in self._trained_adapters}
-        embeddings = not self._wanted.isdisjoint(("wte.weight", "wpe.weight"))
-        blocks = [block_index(name) for name in self._wanted if block_index(name) is not None]
-        self.lowest_block = 0 if embeddings else min(blocks, default=model.config.n_layer)
+        if self.wants("wte.weight", "wpe.weight"):
+            self.lowest_block = 0
+        else:
+            blocks = [block_index(name) for name in self._wanted if name.startswith("h.")]
+            self.lowest_block = min(blocks, default=model.config.n_layer)
 
     def wants(self, *names):
         """True when backward must form the gradient of at least one of these weights."""

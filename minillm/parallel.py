@@ -103,7 +103,7 @@ class ShardedGPT:
         self.model = model
         self.replicas = [model.replica() for _ in range(threads)]
         self.workers = Workers(threads)
-        self._weights = None
+        self._shard_grads = None
 
     def train(self, mode=True):
         for replica in self.replicas:
@@ -119,27 +119,38 @@ class ShardedGPT:
             replica.reseed(int(numpy.random.SeedSequence([seed, s]).generate_state(1)[0]))
 
     def __call__(self, idx, targets):
-        """(None, the batch's mean loss) for host arrays idx, targets (B, T)."""
+        """(None, the batch's mean loss) for host arrays idx, targets (B, T).
+
+        In training mode each shard runs its backward right after its forward, on the same
+        thread: the threads then never wait for one another between the two passes (which
+        cost 2% of a `baby` step), and backward() only adds the shards' gradients up.
+        """
         rows = numpy.array_split(numpy.arange(len(idx)), min(len(self.replicas), len(idx)))
         counts = [int((targets[r] != IGNORE_INDEX).sum()) for r in rows]
-        self._weights = [count / max(sum(counts), 1) for count in counts]
-        losses = self.workers.map(lambda s: self.replicas[s](idx[rows[s]], targets[rows[s]])[1], range(len(rows)))
-        return None, sum(weight * loss for weight, loss in zip(self._weights, losses))
+        weights = [count / max(sum(counts), 1) for count in counts]
+        training = self.replicas[0].training
+
+        def shard(s):
+            replica = self.replicas[s]
+            _, loss = replica(idx[rows[s]], targets[rows[s]])
+            if not training:
+                return loss, None
+            grads = replica.backward()
+            if len(rows) > 1:  # each shard weighs its own share, on its own thread: combining is then a sum
+                for g in grads.values():
+                    g *= weights[s]
+            return loss, grads
+
+        results = self.workers.map(shard, range(len(rows)))
+        self._shard_grads = [grads for _, grads in results] if training else None
+        return None, sum(weight * loss for weight, (loss, _) in zip(weights, results))
 
     def backward(self):
         """The batch's gradients: sum over shards s of (n_s / n) * grads_s."""
-        weights, self._weights = self._weights, None
-
-        def shard(s):
-            grads = self.replicas[s].backward()
-            if len(weights) > 1:  # each shard weighs its own share, on its own thread: combining is then a sum
-                for g in grads.values():
-                    g *= weights[s]
-            return grads
-
-        results = self.workers.map(shard, range(len(weights)))
-        grads = results[0]
-        for shard_grads in results[1:]:
+        if self._shard_grads is None:
+            raise RuntimeError("backward() needs a forward() in training mode (train()) first")
+        (grads, *others), self._shard_grads = self._shard_grads, None
+        for shard_grads in others:
             for name, g in shard_grads.items():
                 grads[name] += g
         return grads

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with a CUDA GPU and CuPy already installed (about 5 minutes):
-#  1. the GPU tests: CuPy against NumPy for every layer, a training step, greedy decoding and
-#     checkpoints (tests/test_gpu.py); each fused kernel against the plain array code on the GPU
-#     (tests/test_fused.py); transfers and the device RNG (tests/test_backend.py);
+#  1. the GPU tests: CuPy against NumPy for every layer of both readings (minillm/layers and
+#     minillm/fast), a training step and greedy decoding on each, checkpoints (tests/test_gpu.py);
+#     each fused kernel against the plain array code on the GPU (tests/test_fused.py); transfers
+#     and the device RNG (tests/test_backend.py);
 #  2. the device benchmark with TF32 matrix products (GPT-2 small shape only), then in full
-#     float32 with sampling; each records its table in BENCHMARKS.md, and the float32 one prints last.
+#     float32 with sampling; each times the fast step against the same step without fused kernels
+#     and on the reference layers, records its table in BENCHMARKS.md, and the float32 one prints last.
 # It needs the package's own dependencies too (`pip install -e .`; at least numpy and regex).
 set -euo pipefail
 cd "$(dirname "$0")/.."

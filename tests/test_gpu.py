@@ -80,22 +80,24 @@ def test_lora_forward_and_backward(xp_device, dtype):
         assert relative_error(g_d, g) < TOLERANCE[dtype]
 
 
-def model_on(device, dtype):
+def model_on(device, dtype, reference=False):
     """A model with the same weights on any device (the device's generator draws other numbers)."""
-    reference = GPT(CONFIG, seed=0, dtype=dtype)
-    model = GPT(CONFIG, seed=0, dtype=dtype, device=device)
-    for name, p in reference.params.items():
+    on_cpu = GPT(CONFIG, seed=0, dtype=dtype)
+    model = GPT(CONFIG, seed=0, dtype=dtype, device=device, reference=reference)
+    for name, p in on_cpu.params.items():
         model.params[name][...] = backend.to_device(p, device)
     return model
 
 
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_a_training_step_with_clipping_and_adamw(xp_device, dtype):
+def test_a_training_step_with_clipping_and_adamw(xp_device, dtype, reference):
+    """The fast path on the CPU against either path on the device."""
     idx = numpy.random.default_rng(0).integers(0, CONFIG.vocab_size, (3, CONFIG.block_size))
     results = []
     for device in ("cpu", xp_device):
-        model = model_on(device, dtype)
-        optimizer = AdamW(model.params, lr=1e-2)
+        model = model_on(device, dtype, reference=reference and device != "cpu")
+        optimizer = AdamW(model.params, lr=1e-2, reference=model.reference)
         for _ in range(2):
             _, loss = model(idx, idx)
             grads = model.backward()
@@ -109,9 +111,10 @@ def test_a_training_step_with_clipping_and_adamw(xp_device, dtype):
         assert relative_error(params[name], p) < TOLERANCE[dtype], name
 
 
-def test_greedy_decoding_with_the_cache_gives_the_same_tokens(xp_device):
+@pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
+def test_greedy_decoding_with_the_cache_gives_the_same_tokens(xp_device, reference):
     prompt = numpy.array([[1, 2, 3]])
-    tokens = [backend.to_host(generate(model_on(device, "float64").eval(), prompt, 12, temperature=0))
+    tokens = [backend.to_host(generate(model_on(device, "float64", reference).eval(), prompt, 12, temperature=0))
               for device in ("cpu", xp_device)]
     assert numpy.array_equal(tokens[0], tokens[1])
 

@@ -33,19 +33,22 @@ def test_sharded_loss_and_gradients_equal_the_whole_batch():
             numpy.testing.assert_allclose(grads[name], expected[name], rtol=1e-10, atol=1e-14)
 
 
-def test_shards_keep_their_caches_apart_and_evaluation_keeps_none():
+def test_shards_share_the_parameters_and_evaluation_keeps_nothing_for_backward():
     config = GPTConfig(vocab_size=9, block_size=6, n_layer=1, n_head=2, n_embd=8)
     model = GPT(config, seed=0, dtype="float64")
     idx = numpy.random.default_rng(1).integers(0, 9, (4, 6))
     sharded = parallel.ShardedGPT(model, 2)
     try:
         sharded(idx, idx)
-        assert all(replica._cache is not None for replica in sharded.replicas)
         assert model._cache is None  # the wrapped model's own cache is untouched
         assert all(replica.params is model.params for replica in sharded.replicas)
         sharded.backward()
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            sharded.backward()
         sharded.eval()(idx, idx)
         assert all(replica._cache is None for replica in sharded.replicas)
+        with pytest.raises(RuntimeError, match="needs a forward"):
+            sharded.backward()
     finally:
         sharded.close()
 

@@ -85,7 +85,7 @@ def training_step(config, batch_size, threads, reference=False):
     optimizer = AdamW(model.params, lr=1e-4, reference=reference)
     stepper = model if threads == 1 else parallel.ShardedGPT(model, threads)
     idx = benchmark_tokens(config, batch_size)
-    cfg = TrainConfig(grad_clip=1.0)
+    cfg = TrainConfig(lr=1e-4, min_lr=1e-4, warmup_iters=0, grad_clip=1.0)  # a constant rate: speed, not learning
     watch = NonfiniteWatch("cpu", model.dtype, out_dir=None)
     steps = iter(range(10**9))
 
