@@ -63,12 +63,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillm.bench.readings", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["baby", "small"], choices=sorted(CONFIGS))
     parser.add_argument("--threads", type=int, default=parallel.usable_cores())
+    parser.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="K times the training benchmark's rounds per configuration (more rounds, steadier medians)")
     parser.add_argument("--write", action="store_true", help=f"put the table into BENCHMARKS.md under '{TITLE}'")
     args = parser.parse_args(argv)
 
     medians, ratios = {}, {}
     for name in args.configs:
         config, batch_size, rounds = CONFIGS[name]
+        rounds *= args.repeat
         fast = training_step(config, batch_size, args.threads)
         functions = {"fast": fast, "reference": training_step(config, batch_size, args.threads, reference=True)}
         functions |= {trick: without(fast, patches) for trick, (_, patches) in TRICKS.items()}
@@ -86,7 +89,7 @@ def main(argv=None):
     report = (
         f"{table}\n\nA training step (forward, backward, clipping, AdamW) on {args.threads} threads; each cell the "
         f"median step time and, in brackets, the median over rounds of its time / the all-fast step's, all variants "
-        f"timed in turns ({', '.join(f'{CONFIGS[n][2]} rounds of {n}' for n in args.configs)}). A \"without\" row "
+        f"timed in turns ({', '.join(f'{args.repeat * CONFIGS[n][2]} rounds of {n}' for n in args.configs)}). A \"without\" row "
         "puts one piece of minillm.fast back to the reference's code.\n"
     )
     print("\n" + report)
