@@ -5,7 +5,9 @@ computes the same things faster, at the price of plainer code: in-place chains,
 outputs written through views, row sums as matrix-vector products (rows.py),
 causal query blocks in attention, and single-kernel GPU paths (backend.fuse).
 Each module's docstring says what it does differently from its reference and
-what that buys, measured; the equations live in the reference docstrings.
+what that buys for the layer alone, measured; the equations live in the reference
+docstrings. What each buys in a whole training step: python -m minillm.bench.readings
+(README, "Reading the code"). adamw.py is the same for optim.adamw_update.
 tests/test_fast.py checks every function here against its reference.
 
 Layers with nothing to tune (embedding, dropout, lora) are the reference modules
