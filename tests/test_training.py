@@ -117,6 +117,15 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, corpus):
         assert numpy.array_equal(expected[name], got[name]), name
 
 
+def test_resuming_a_run_already_past_max_iters_evaluates_and_finishes(tmp_path, corpus):
+    options = dict(data=str(corpus), out_dir=str(tmp_path), **TINY)
+    train(TrainConfig(**options))
+    model = train(TrainConfig(**{**options, "max_iters": 5}, resume=True))  # the run is at step 12
+    assert model is not None
+    _, meta = saved_arrays(tmp_path / "last.npz")
+    assert meta["step"] == 12  # no step was taken
+
+
 def run_train(flags, **kwargs):
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *flags], capture_output=True, text=True, cwd=ROOT, **kwargs
