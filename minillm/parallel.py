@@ -100,7 +100,6 @@ class ShardedGPT:
     """
 
     def __init__(self, model, threads):
-        self.model = model
         self.replicas = [model.replica() for _ in range(threads)]
         self.workers = Workers(threads)
         self._shard_grads = None

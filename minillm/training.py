@@ -426,6 +426,7 @@ def loop(run, progress, stop_requested):
         watch.check()
 
     start_step, stopped_early = run.step, False
+    train_batch = lambda rng: run.batch(run.train_split, rng)
     try:
         while True:
             step = run.step
@@ -449,8 +450,7 @@ def loop(run, progress, stop_requested):
                 return None
 
             clock.start()
-            loss, grad_norm, tokens = train_step(model, run.optimizer, lambda rng: run.batch(run.train_split, rng),
-                                                 step, cfg, watch)
+            loss, grad_norm, tokens = train_step(model, run.optimizer, train_batch, step, cfg, watch)
             clock.count(tokens)
             run.step = step + 1
             if run.step % cfg.log_interval == 0 or step == start_step:

@@ -15,6 +15,7 @@ Then a per-layer breakdown of one step of the first configuration.
 
 import argparse
 import importlib.metadata
+import itertools
 import json
 import statistics
 import subprocess
@@ -87,7 +88,7 @@ def training_step(config, batch_size, threads, reference=False):
     idx = benchmark_tokens(config, batch_size)
     cfg = TrainConfig(lr=1e-4, min_lr=1e-4, warmup_iters=0, grad_clip=1.0)  # a constant rate: speed, not learning
     watch = NonfiniteWatch("cpu", model.dtype, out_dir=None)
-    steps = iter(range(10**9))
+    steps = itertools.count()
 
     def step():
         train_step(stepper, optimizer, lambda rng: (idx, idx), next(steps), cfg, watch)
