@@ -20,6 +20,7 @@ fused versions are tested against.
 
 import contextlib
 import functools
+import importlib.util
 
 import numpy
 
@@ -46,6 +47,11 @@ def _import_cupy():
 
 def cuda_available():
     return _import_cupy() is not None
+
+
+def auto_missed_a_gpu(device_asked, device_used):
+    """Whether --device auto settled for the CPU although CuPy is installed: worth a note, as a GPU was expected."""
+    return device_asked == "auto" and device_used == "cpu" and importlib.util.find_spec("cupy") is not None
 
 
 def resolve_device(device="auto"):

@@ -74,13 +74,25 @@ def save(path, model, tokenizer, optimizer=None, **meta):
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; {kept}") from None
 
 
+def remove_unfinished_writes(directory):
+    """Delete the temporary files of writes that a killed process left behind in directory.
+
+    Only a run holding the directory's lock may call this: no write of another run
+    can then be in flight.
+    """
+    for leftover in Path(directory).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def exclusive(directory):
     """Hold DIRECTORY/.lock while the block runs: a second run on the same folder fails at once.
 
     The lock is an operating-system file lock (flock), which the system releases
-    when its process ends in any way, kill -9 included: no stale lock is left
-    behind. Where flock does not exist (Windows) there is no lock.
+    when its process ends in any way, kill -9 included, so a lock file left by a
+    killed run never blocks the next one; a run that ends normally deletes it.
+    The file is never opened through a symbolic link (whose target it would
+    overwrite). Where flock does not exist (Windows) there is no lock.
     """
     try:
         import fcntl
@@ -88,27 +100,38 @@ def exclusive(directory):
         yield
         return
     path = Path(directory) / LOCK_FILE
-    try:
-        lock = open(path, "a+")
-    except OSError as err:
-        raise CheckpointError(f"cannot write in the out dir {directory}: {err.strerror}; choose another --out-dir") from None
-    with lock:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as err:
+            what = "is a symbolic link; remove it" if path.is_symlink() else f"cannot be written ({err.strerror})"
+            raise CheckpointError(f"the lock file {path} {what}, or choose another --out-dir") from None
+        lock = os.fdopen(fd, "r+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
             holder = lock.read().strip()
+            lock.close()
             raise CheckpointError(
                 f"the out dir {directory} is in use by another training run (process {holder or 'unknown'}); "
                 "wait for it to finish or choose another --out-dir"
             ) from None
+        # A run that ended between our open and our flock deleted the file we locked:
+        # then lock the file now at that path instead.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    with lock:
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            path.unlink(missing_ok=True)  # while still locked: no other run holds this file
 
 
 def read_arrays(path, meta_only=False):

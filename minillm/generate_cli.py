@@ -1,6 +1,7 @@
 """The command line of generate.py: prompt, sampling options, streaming output, one-line errors."""
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def parse_args(argv=None):
                        "vocab.json and merges.txt")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", metavar="TEXT",
-                        help="text to continue; - reads standard input (default: empty, which starts from a "
-                        "newline token, or token 0 when the vocabulary has no newline)")
+                        help="text to continue; - reads standard input, less one final newline (default: empty, "
+                        "which starts from a newline token, or token 0 when the vocabulary has no newline)")
     prompt.add_argument("--prompt-file", default=None, metavar="PATH",
-                        help="read the prompt from this UTF-8 file; - is standard input")
+                        help="read the prompt from this UTF-8 file, less one final newline; - is standard input")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N",
                         help="samples, generated as one batch (default: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=500, metavar="N",
@@ -90,9 +91,10 @@ def parse_args(argv=None):
                         help="sample only among the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
                         help="sample only among the fewest most likely tokens whose probability reaches p, 0 < p <= 1")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="end a sample right after it produces TEXT (may be given more than once; "
-                        "the end-of-text token, for tokenizers that have one, always ends a sample)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", type=unescape,
+                        help="end a sample right after it produces TEXT, in which \\n, \\t and \\\\ stand for a "
+                        "newline, a tab and a backslash (may be given more than once; the end-of-text token, for "
+                        "tokenizers that have one, always ends a sample)")
     parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--reference", action="store_true",
@@ -122,12 +124,23 @@ def parse_args(argv=None):
 
 
 def read_prompt(args):
-    """The prompt text from --prompt, --prompt-file, or standard input (either one given as -)."""
+    """The prompt text from --prompt, --prompt-file, or standard input (either one given as -).
+
+    One final newline of a file or of standard input is dropped: `echo` and text
+    editors add it, and the model would otherwise continue after a line break.
+    """
     if args.prompt_file is None and args.prompt != "-":
         return args.prompt
     if args.prompt_file in (None, "-"):
-        return sys.stdin.buffer.read().decode("utf-8")
-    return Path(args.prompt_file).read_text(encoding="utf-8")
+        text = sys.stdin.buffer.read().decode("utf-8")
+    else:
+        text = Path(args.prompt_file).read_text(encoding="utf-8")
+    return text.removesuffix("\n")
+
+
+def unescape(text):
+    """--stop's TEXT with \\n, \\t and \\\\ made a newline, a tab and a backslash (a shell passes them as typed)."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
 
 
 def main(argv=None):
@@ -145,8 +158,8 @@ def main(argv=None):
             "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text",
             args.debug,
         )
-    if args.device == "auto" and model.device == "cpu":
-        print("generate.py: note: --device auto found no CUDA GPU with CuPy; sampling on the CPU", file=sys.stderr)
+    if backend.auto_missed_a_gpu(args.device, model.device):
+        print("generate.py: note: CuPy is installed but sees no CUDA GPU; sampling on the CPU", file=sys.stderr)
     if len(prompt_ids) > model.config.block_size:
         print(f"generate.py: note: the prompt has {len(prompt_ids)} tokens; the model sees only the last "
               f"{model.config.block_size} (its context)", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Training progress: the bar or lines on the terminal, the JSONL log, and the loss-curve picture."""
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -15,7 +17,12 @@ class Progress:
 
     def __init__(self, cfg, start_step, out_dir):
         self.log_path = Path(out_dir) / LOG_FILE
-        self.log = open(self.log_path, "a")
+        # Each run's log describes that run alone: a new run starts it empty, a resumed
+        # one keeps what came before its resume point (a later part was not saved).
+        kept = lines_before(self.log_path, start_step)
+        atomic_write(self.log_path, lambda f: f.write("".join(kept).encode("utf-8")))
+        # Never through a symbolic link: its target would get our lines.
+        self.log = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)), "a")
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -55,6 +62,31 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         self.log.close()
+
+
+def lines_before(log_path, step):
+    """The log's lines recorded before a run resumed at `step` went on from its saved state.
+
+    Progress entries up to `step` came before that state was saved; the evaluation
+    at `step` and all later entries are repeated by the resumed run. Only a regular
+    file is read; a line that is not a log entry (one cut short by a killed run) is dropped.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(log_path).st_mode):
+            return []
+        text = Path(log_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    kept = []
+    for line in text.split("\n")[:-1]:  # what follows the last newline was cut short
+        try:
+            entry = json.loads(line)
+            before = entry["step"] < step or ("loss" in entry and entry["step"] == step)
+        except (ValueError, TypeError, KeyError):
+            continue
+        if before:
+            kept.append(line + "\n")
+    return kept
 
 
 def plot_losses(log_path, png_path):

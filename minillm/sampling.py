@@ -14,7 +14,7 @@ every step runs the full forward pass over the whole context again.
 
 import math
 
-from minillm import backend
+from minillm import backend, blas_threads
 from minillm.layers import embedding, softmax
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -106,33 +106,39 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
     was_training = model.training
     model.eval()
-    try:
-        logits = last_logits(model, window, kv_cache)
-        for step in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, top_p, rng)
-            yield next_ids
-            if step + 1 == max_new_tokens:
-                break
-            slides = window.shape[1] == block_size  # the new token pushes the oldest one out
-            window = xp.concatenate([window[:, 1:] if slides else window, next_ids[:, None]], axis=1)
-            if kv_cache is None:
-                logits = last_logits(model, window, None)
-            elif not slides:
-                logits = model.decode(next_ids[:, None], kv_cache)
-            else:
-                # The window slid by one token, so every token now sits at a new position.
-                # Position embeddings are added at the input and flow into every key and
-                # value, so the whole cache is stale: rebuild it by a prefill of the new
-                # window. That costs a forward pass over block_size tokens (the same as a
-                # step without the cache, less the LM head for all but the last position),
-                # and once the context is full every step pays it. Cropping to a shorter
-                # window would rebuild less often, but the model would then see less
-                # context than it can, and the samples would differ from the full forward's.
-                for layer_cache in kv_cache:
-                    layer_cache.clear()
-                logits = model.decode(window, kv_cache)
-    finally:
-        model.train(was_training)
+    with blas_threads.watch_for(model.device) as cores:
+        try:
+            logits = last_logits(model, window, kv_cache)
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits, temperature, top_k, top_p, rng)
+                yield next_ids
+                if step + 1 == max_new_tokens:
+                    break
+                slides = window.shape[1] == block_size  # the new token pushes the oldest one out
+                window = xp.concatenate([window[:, 1:] if slides else window, next_ids[:, None]], axis=1)
+                cores.update()
+                logits = next_logits(model, window, next_ids, kv_cache, slides)
+        finally:
+            model.train(was_training)
+
+
+def next_logits(model, window, next_ids, kv_cache, slides):
+    """Logits (B, V) after next_ids (B,) joined the window (B, T): by the cache when there is one."""
+    if kv_cache is None:
+        return last_logits(model, window, None)
+    if not slides:
+        return model.decode(next_ids[:, None], kv_cache)
+    # The window slid by one token, so every token now sits at a new position.
+    # Position embeddings are added at the input and flow into every key and
+    # value, so the whole cache is stale: rebuild it by a prefill of the new
+    # window. That costs a forward pass over block_size tokens (the same as a
+    # step without the cache, less the LM head for all but the last position),
+    # and once the context is full every step pays it. Cropping to a shorter
+    # window would rebuild less often, but the model would then see less
+    # context than it can, and the samples would differ from the full forward's.
+    for layer_cache in kv_cache:
+        layer_cache.clear()
+    return model.decode(window, kv_cache)
 
 
 def last_logits(model, window, kv_cache):

@@ -25,8 +25,11 @@ HELP = {
     '{"prompt": ..., "completion": ...} lines, or a built-in task: addition',
     "out_dir": "folder for checkpoints, token files, log and loss curve",
     "resume": "continue the run saved in OUT_DIR/last.npz",
+    "overwrite": "start a new run in an OUT_DIR that holds another one, deleting its checkpoints, log and loss curve",
     "init_from": "start from pretrained weights, a minillm checkpoint or a Hugging Face GPT-2 directory "
     "(its model shape and tokenizer; a fresh optimizer and schedule)",
+    "extend_vocab": "fine-tuning a character model: give the characters of the new text that its vocabulary "
+    "lacks new token ids, each with a new embedding row (the checkpoint records the larger vocabulary)",
     "freeze_embeddings": "fine-tuning: do not train the token and position embeddings (nor the LM head, tied to them)",
     "freeze_blocks": "fine-tuning: do not train the first K transformer blocks",
     "lora_rank": "fine-tuning: train LoRA adapters of this rank instead of the weights (0: off)",
@@ -45,7 +48,7 @@ HELP = {
     "lr": "peak learning rate",
     "min_lr": "learning-rate floor at the end of the cosine decay",
     "warmup_iters": "steps of linear warmup from 0 to --lr",
-    "lr_decay_iters": "step at which the cosine decay reaches --min-lr",
+    "lr_decay_iters": "step at which the cosine decay reaches --min-lr (0: --max-iters)",
     "weight_decay": "AdamW decoupled weight decay (matrices and embeddings only)",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
@@ -127,6 +130,7 @@ def resolve_config(args):
     if explicit.get("resume"):
         out_dir = Path(explicit.get("out_dir", values["out_dir"]))
         values.update(checkpoint.read_meta(out_dir / LAST_CHECKPOINT)["train_config"])
+        values["overwrite"] = False  # a run started with --overwrite resumes as itself
     if "preset" in args:
         values.update(PRESETS[args.preset])
     if "config" in args:

@@ -32,23 +32,26 @@ The out dir holds:
 import contextlib
 import math
 import signal
+import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy
 
-from minillm import backend, checkpoint, data, parallel, sft
+from minillm import backend, checkpoint, data, evaluate, parallel, sft
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
-from minillm.progress import PLOT_FILE, Progress, plot_losses
+from minillm.progress import LOG_FILE, PLOT_FILE, Progress, plot_losses
 from minillm.readback import NonfiniteWatch, StepClock
 from minillm.sampling import encode_prompt, generate
-from minillm.tokenizers.char import CharTokenizer
+from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
 
 BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
 MERGED_CHECKPOINT = "merged.npz"
+HELD_OUT_SHOWN = 3
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT_FILE)  # what --overwrite deletes
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
@@ -88,7 +91,7 @@ def add_gradients(total, grads):
 
 def learning_rate(step, cfg):
     """The step's learning rate: linear warmup, then cosine decay to --min-lr."""
-    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters)
+    return cosine_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
 
 
 @dataclass
@@ -100,7 +103,9 @@ class TrainConfig:
     sft: str = ""
     out_dir: str = "out"
     resume: bool = False
+    overwrite: bool = False  # start afresh in an out dir that holds another run
     init_from: str = ""
+    extend_vocab: bool = False
     freeze_embeddings: bool = False
     freeze_blocks: int = 0
     lora_rank: int = 0
@@ -119,7 +124,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
-    lr_decay_iters: int = 2000
+    lr_decay_iters: int = 0  # 0: --max-iters
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -143,7 +148,7 @@ PRESETS = {
     # nanoGPT's shakespeare-char model, batch 8: wants a fast CPU or a GPU.
     "small": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, dropout=0.2,
-        max_iters=5000, lr_decay_iters=5000, eval_interval=500, save_interval=500, eval_iters=50,
+        max_iters=5000, eval_interval=500, save_interval=500, eval_iters=50,
     ),
 }
 
@@ -187,12 +192,16 @@ def validate(cfg):
     for name in ("beta1", "beta2", "dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
     if sum(map(bool, (cfg.data, cfg.dataset, cfg.sft))) > 1:
         raise ConfigError("--data, --dataset and --sft name different training data: give one of them")
-    fine_tuning = ("freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")
+    fine_tuning = ("extend_vocab", "freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")
     for name in fine_tuning:
         if getattr(cfg, name) and not cfg.init_from:
             raise ConfigError(f"--{name.replace('_', '-')} fine-tunes a pretrained model: give --init-from too")
+    if cfg.extend_vocab and (cfg.freeze_embeddings or cfg.lora_rank):
+        raise ConfigError("--extend-vocab adds embedding rows that must train: leave out --freeze-embeddings and --lora-rank")
     if cfg.merge_lora and not cfg.lora_rank:
         raise ConfigError("--merge-lora merges LoRA adapters: give --lora-rank too")
     backend.dtype_of(cfg.dtype)
@@ -230,6 +239,22 @@ def sample_text(model, tokenizer, n_tokens, seed):
     start = encode_prompt(tokenizer, "")
     ids = generate(model, numpy.array([start]), n_tokens, temperature=0.8, seed=seed)
     return tokenizer.decode(backend.to_host(ids)[0, len(start):])
+
+
+def show_samples(run, model, n_tokens, seed):
+    """How the model is doing, in indented lines for the terminal ("" when n_tokens is 0).
+
+    For --sft, its greedy answers to a few held-out prompts beside the expected ones;
+    otherwise a sample of n_tokens from a newline, as raw text.
+    """
+    if n_tokens == 0:
+        return ""
+    if not run.held_out:
+        return textwrap.indent(sample_text(model, run.tokenizer, n_tokens, seed), "    ", lambda line: True)
+    prompts, expected = zip(*run.held_out)
+    most = max(len(run.tokenizer.encode(completion)) for completion in expected) + 1
+    given = evaluate.answers(model, run.tokenizer, prompts, min(n_tokens, most))
+    return "\n".join(f"    {p!r} -> {g!r} (expected {e!r})" for p, g, e in zip(prompts, given, expected))
 
 
 def frozen_names(model, cfg):
@@ -314,6 +339,7 @@ class Run:
     batch: object  # batch(split, rng) -> (idx, targets)
     train_split: object
     eval_batches: dict  # "train" / "val" -> fixed batches
+    held_out: list  # --sft: (prompt, completion) pairs whose answers each evaluation shows
     step: int  # the next step to take
     best_val: float
     since_best: int  # evaluations since the best val loss
@@ -350,6 +376,12 @@ def train(cfg):
         raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
     parallel.keep_freed_memory()
     with checkpoint.exclusive(out_dir):
+        # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).
+        refuse_another_run(cfg, out_dir)
+        checkpoint.remove_unfinished_writes(out_dir)
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                (out_dir / name).unlink(missing_ok=True)
         run = setup(cfg, device, out_dir)
         started = time.perf_counter()
         start_step = run.step
@@ -364,16 +396,75 @@ def train(cfg):
         return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
 
 
+def refuse_another_run(cfg, out_dir):
+    """Raise ConfigError when a new run would replace the checkpoints of another run in out_dir."""
+    if cfg.resume or cfg.overwrite:
+        return
+    found = [name for name in (BEST_CHECKPOINT, LAST_CHECKPOINT) if (out_dir / name).exists()]
+    if found:
+        raise ConfigError(
+            f"--out-dir {out_dir} holds another run ({' and '.join(found)}): continue it with --resume, "
+            "train this run into another folder with --out-dir DIR, or delete that run's checkpoints and log "
+            "with --overwrite"
+        )
+
+
+def tell_pretrained(cfg, model, tokenizer, text):
+    """Print what --init-from loaded; with --extend-vocab, add the text's new characters as tokens.
+
+    Returns (model, tokenizer)."""
+    c = model.config
+    print(f"init from {cfg.init_from}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, context "
+          f"{c.block_size}, {model.num_params():,} parameters, {tokenizer.kind} vocabulary of {tokenizer.vocab_size}")
+    if not cfg.extend_vocab:
+        return model, tokenizer
+    if not isinstance(tokenizer, CharTokenizer):
+        raise ConfigError(f"--extend-vocab adds characters to a character vocabulary; {cfg.init_from} has a "
+                          f"{tokenizer.kind} one, which encodes any text: leave the option out")
+    model, tokenizer, added = extend_vocabulary(model, tokenizer, text, cfg.seed)
+    shown = ", ".join(repr(c) for c in added[:10]) + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+    print(f"vocabulary extended by {len(added)} characters" + (f": {shown}" if added else ""))
+    return model, tokenizer
+
+
+def extend_vocabulary(model, tokenizer, text, seed):
+    """(model, tokenizer, the new characters): the characters of text the vocabulary lacks added as new tokens.
+
+    Each new character gets the next id and a new row of wte, drawn as GPT-2 draws
+    the others, N(0, 0.02^2). The old rows stay as they were, so the old tokens'
+    logits (x @ wte^T, one column per row) are unchanged until training moves them.
+    """
+    added = sorted(set(text) - tokenizer.ids.keys())
+    rows = backend.RNG(seed, model.device).normal((len(added), model.config.n_embd), 0.02, model.dtype)
+    params = {**model.params, "wte.weight": model.xp.concatenate([model.params["wte.weight"], rows])}
+    config = replace(model.config, vocab_size=model.config.vocab_size + len(added))
+    extended = GPT(config, seed=seed, dtype=model.dtype.name, device=model.device, params=params)
+    return extended, CharTokenizer(tokenizer.chars + added), added
+
+
 def setup(cfg, device, out_dir):
     """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed."""
     text, corpus_name, examples = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
+    if pretrained:
+        pretrained = tell_pretrained(cfg, *pretrained, text)
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
-    train_split, val_split, data_summary, batch = prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir)
+    try:
+        train_split, val_split, data_summary, batch = prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir)
+    except UnknownCharactersError as err:
+        if not pretrained:
+            raise
+        raise UnknownCharactersError(f"{err}; --extend-vocab adds them to the model as new tokens") from None
     model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
+    if resumed and not (out_dir / BEST_CHECKPOINT).exists():
+        print(f"note: {out_dir / BEST_CHECKPOINT} is missing; the next evaluation writes a new one")
+        best_val, since_best = math.inf, 0
 
+    # --sft: the evaluations show the model's answers to these held-out prompts.
+    held_out = [(prompt, completion) for _, prompt, completion in examples[-len(val_split):][:HELD_OUT_SHOWN]] \
+        if examples else []
     eval_rng = stream_rng(cfg.seed, EVAL_STREAM, 0)
     # The same evaluation batches every time, so successive evaluations are comparable.
     eval_batches = {
@@ -385,11 +476,11 @@ def setup(cfg, device, out_dir):
         f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
         f"model: {model.num_params():,} parameters, {trainable:,} trainable "
         f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device}"
-        + (" (--device auto found no CUDA GPU with CuPy)" if cfg.device == "auto" and device == "cpu" else "") + " "
+        + (" (CuPy is installed but sees no CUDA GPU)" if backend.auto_missed_a_gpu(cfg.device, device) else "") + " "
         f"({cfg.dtype}, {cfg.threads} threads" + (", reference layers" if cfg.reference else "") + ")"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
-    return Run(cfg, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches,
+    return Run(cfg, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches, held_out,
                start_step, best_val, since_best)
 
 
@@ -472,10 +563,15 @@ def evaluate_and_keep_best(run, model, progress, start_step):
     Returns (losses, whether the loss curve was drawn).
     """
     cfg, step = run.cfg, run.step
+    progress.print(f"step {step}: evaluating ({cfg.eval_iters} batches per split)")
+    started = time.perf_counter()
     losses = {name: estimate_loss(model, batches) for name, batches in run.eval_batches.items()}
     progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-    sample = sample_text(run.model, run.tokenizer, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
-    progress.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}\n  sample: {sample!r}")
+    progress.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                   f"({time.perf_counter() - started:.1f} s)")
+    samples = show_samples(run, run.model, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
+    if samples:
+        progress.print(f"  {'held-out prompts' if run.held_out else 'sample'}:\n{samples}")
     if losses["val"] < run.best_val:
         run.best_val, run.since_best = losses["val"], 0
         run.save(run.best_path, val_loss=run.best_val)
@@ -504,7 +600,9 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
         f"trained: steps {start_step} to {run.step} in {seconds:.1f} s"
     )
     best_model = best_model.merged()  # LoRA adapters folded in (a plain model stays as it is)
-    print("sample from the best checkpoint:\n" + sample_text(best_model, run.tokenizer, cfg.sample_tokens, cfg.seed))
+    samples = show_samples(run, best_model, cfg.sample_tokens, cfg.seed)
+    if samples:
+        print(f"{'held-out prompts' if run.held_out else 'sample'} from the best checkpoint:\n{samples}")
     print(f"\ncheckpoint: {run.best_path} (resume state: {run.last_path})")
     if cfg.merge_lora:
         merged_path = run.out_dir / MERGED_CHECKPOINT

@@ -249,3 +249,56 @@ def test_evaluate_scores_exact_matches_of_a_memorised_task(tmp_path):
     model, tokenizer, _, _ = checkpoint.load(tmp_path / "ckpt.npz")
     right, wrong = evaluate.exact_match(model.eval(), tokenizer, [("12+30=", "43"), ("45+67=", "112")])
     assert right == 1 and wrong == [("12+30=", "43", "42")]
+
+
+# -- characters the vocabulary lacks ------------------------------------------------------------
+
+
+def test_text_with_new_characters_names_the_way_forward(pretrained, tmp_path):
+    text = write_text(tmp_path / "new.txt", "cost: $5 `x` " * 200)
+    with pytest.raises(ValueError, match=r"not in the .*vocabulary.*--extend-vocab"):
+        fine_tune(pretrained, tmp_path / "run", data=str(text))
+
+
+def test_extend_vocab_adds_rows_and_keeps_the_old_tokens_logits(pretrained, tmp_path):
+    model, tokenizer, _, _ = checkpoint.load(pretrained)
+    text = "cost: $5 `x` " * 200
+    extended, bigger, added = training.extend_vocabulary(model, tokenizer, text, seed=0)
+    assert added == sorted(set(text) - set(tokenizer.chars)) and added
+    assert bigger.chars[: tokenizer.vocab_size] == tokenizer.chars and bigger.vocab_size == extended.config.vocab_size
+    idx = numpy.array([tokenizer.encode("the cost")])
+    old_logits, _ = model.eval()(idx)
+    new_logits, _ = extended.eval()(idx)
+    numpy.testing.assert_array_equal(new_logits[..., : tokenizer.vocab_size], old_logits)
+    rows = extended.params["wte.weight"][tokenizer.vocab_size :]
+    assert rows.shape == (len(added), model.config.n_embd) and 0.005 < rows.std() < 0.05
+
+    out_dir = tmp_path / "run"
+    fine_tune(pretrained, out_dir, data=str(write_text(tmp_path / "new.txt", text)), extend_vocab=True)
+    tuned, tuned_tokenizer, _, _ = checkpoint.load(out_dir / "ckpt.npz")
+    assert tuned.config.vocab_size == bigger.vocab_size and tuned_tokenizer.chars == bigger.chars
+    assert tuned_tokenizer.encode("$") == [tokenizer.vocab_size + added.index("$")]
+
+
+def test_extend_vocab_needs_trainable_embeddings_and_a_character_vocabulary(pretrained, tmp_path):
+    for options in (dict(freeze_embeddings=True), dict(lora_rank=2)):
+        with pytest.raises(ConfigError, match="--extend-vocab"):
+            fine_tune(pretrained, tmp_path / "run", extend_vocab=True, **options)
+    with pytest.raises(ConfigError, match="--extend-vocab"):
+        train(TrainConfig(out_dir=str(tmp_path / "scratch"), extend_vocab=True, **TINY))
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_sft_evaluations_show_answers_to_held_out_prompts(pretrained, tmp_path, capsys):
+    fine_tune(pretrained, tmp_path / "run", sft="addition", max_iters=4)
+    out = capsys.readouterr().out
+    training_split = tasks.examples("addition", "train")
+    held_out = training_split[-len(training_split) // 10 :][:training.HELD_OUT_SHOWN]  # the validation pairs
+    for prompt, completion in held_out:
+        assert out.count(f"    {prompt!r} -> ") == 3  # at steps 0 and 4, and from the best checkpoint
+        assert f"(expected {completion!r})" in out
+    assert "sample" not in out.replace("sample from it:", "")

@@ -140,11 +140,11 @@ def test_a_training_run_ends_with_the_cpu_runs_weights(xp_device, tmp_path):
     corpus.write_text(data.builtin_corpus()[:20_000])
     models = [
         train(TrainConfig(
-            data=str(corpus), out_dir=str(tmp_path / device), device=device, dtype="float64", n_layer=2, n_head=2,
+            data=str(corpus), out_dir=str(tmp_path / f"run{i}"), device=device, dtype="float64", n_layer=2, n_head=2,
             n_embd=16, block_size=16, batch_size=4, dropout=0.0, max_iters=12, warmup_iters=2, lr_decay_iters=12,
             eval_interval=6, eval_iters=2, save_interval=6, log_interval=4, sample_tokens=8,
         ))
-        for device in ("cpu", xp_device)
+        for i, device in enumerate(("cpu", xp_device))
     ]
     for name, p in models[0].params.items():
         assert backend.device_of(models[1].params[name]) == xp_device

@@ -12,6 +12,7 @@ The contract:
 """
 
 import errno
+import importlib.util
 import io
 import os
 import pickle
@@ -298,10 +299,19 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(trained):
 
 
 @pytest.mark.skipif(backend.cuda_available(), reason="here --device auto finds a GPU")
-def test_device_auto_without_a_gpu_says_it_samples_on_the_cpu(trained):
+def test_device_auto_notes_the_cpu_only_where_cupy_was_installed(trained):
     result = run_script("generate.py", "--ckpt", trained, "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "generate.py: note: --device auto found no CUDA GPU with CuPy; sampling on the CPU\n"
+    cupy_installed = importlib.util.find_spec("cupy") is not None
+    note = "generate.py: note: CuPy is installed but sees no CUDA GPU; sampling on the CPU\n"
+    assert result.stderr == (note if cupy_installed else "")
+
+
+def test_only_auto_with_cupy_installed_expected_a_gpu(monkeypatch):
+    for installed in (False, True):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if installed else None)
+        assert backend.auto_missed_a_gpu("auto", "cpu") is installed
+        assert not backend.auto_missed_a_gpu("cpu", "cpu") and not backend.auto_missed_a_gpu("auto", "cuda")
 
 
 def test_resuming_with_an_incompatible_model_is_a_usage_error(tmp_path, corpus, trained):

@@ -284,3 +284,11 @@ def test_named_dataset_is_downloaded_once_checked_and_offline_is_a_clear_error(t
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(data.DataError, match="pass --data PATH"):
         data.fetch_dataset("shakespeare")
+
+
+def test_evaluations_announce_themselves_and_sample_tokens_0_prints_no_sample(tmp_path, corpus, capsys):
+    train(TrainConfig(**{**TINY, "sample_tokens": 0}, data=str(corpus), out_dir=str(tmp_path)))
+    out = capsys.readouterr().out
+    for step in (0, 6, 12):
+        assert f"step {step}: evaluating (2 batches per split)\nstep {step}: train loss" in out
+    assert "sample" not in out.replace("sample from it:", "")

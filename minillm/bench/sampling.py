@@ -1,34 +1,41 @@
-"""Sampling speed on the CPU: tokens per second with and without the KV cache.
+"""Sampling speed on the CPU: tokens per second with and without the KV cache, quiet and beside a busy process.
 
     python -m minillm.bench.sampling [--write]
 
 Greedy decoding, batch 1, a one-token prompt, float32, random weights (the speed
-does not depend on them). The cached and the uncached run of a model are timed
-in turns, so that load from other processes falls on both alike; the table
-gives the median of the runs. --write puts the table into BENCHMARKS.md.
+does not depend on them). In each round the cached run, the uncached run, the
+same sample drawn by Hugging Face transformers (when it is installed: in a
+process of its own, from the same weights written by save_pretrained) and the
+cached run again beside a process that keeps one core busy are timed in turn,
+so that a slow spell of the machine falls on all of them alike; the table gives
+medians over the rounds. --write puts the table into BENCHMARKS.md.
 """
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy
 
 from minillm import data
 from minillm.bench.common import format_table, write_section
+from minillm.bench.training import installed_version
 from minillm.model import GPT, GPTConfig
 from minillm.sampling import generate
 from minillm.tokenizers.char import CharTokenizer
 
 TITLE = "Sampling: tokens per second with and without the KV cache"
 GPT2_VOCAB = 50257
-# Hugging Face transformers, GPT-2 generate() with its KV cache, greedy, 256 new tokens, for
-# n_layer 4, n_head 4, n_embd 128, vocab 50257 (n_positions 1024), on a 2-core machine: the issue's figure.
-HF_TOKENS_PER_SECOND = 88
+HEADERS = ["model", "n_layer/n_head/n_embd", "vocab", "block", "new tokens", "rounds", "cached tok/s",
+           "uncached tok/s", "transformers tok/s", "vs transformers", "busy beside: tok/s", "slowdown", "same tokens"]
 
 
 def cases():
-    """(name, config, new tokens, runs) for each row of the table."""
+    """(name, config, new tokens, rounds) for each row of the table."""
     char_vocab = CharTokenizer.from_text(data.builtin_corpus()).vocab_size
     baby = dict(n_layer=4, n_head=4, n_embd=128)
     return [
@@ -39,57 +46,128 @@ def cases():
     ]
 
 
-def time_both(model, new_tokens, runs):
-    """Median seconds with and without the cache (timed in turns), and whether the two gave the same tokens."""
+@contextlib.contextmanager
+def busy_core():
+    """Another process that keeps one core busy, as long as the block runs."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # let it start spinning
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def timed(fn):
+    """(seconds, result) of one fn() call."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def measure(model, new_tokens, rounds, reference=None):
+    """{column: seconds of each round}, and the columns whose tokens differed from the first cached run's.
+
+    reference: a TransformersProcess on the same weights, or None.
+    """
     prompt = numpy.zeros((1, 1), dtype=numpy.int64)
+
+    def ours(use_cache):
+        """A run of minillm's sampling: (seconds, tokens), as reference.run gives transformers'."""
+        sample = lambda: generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)[0, 1:].tolist()
+        return lambda: timed(sample)
+
     for use_cache in (True, False):  # warm-up: memory allocator, BLAS threads
         generate(model, prompt, 4, temperature=0, use_cache=use_cache)
-    seconds = {True: [], False: []}
-    tokens = {}
-    for _ in range(runs):
-        for use_cache in (True, False):
-            start = time.perf_counter()
-            tokens[use_cache] = generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
-            seconds[use_cache].append(time.perf_counter() - start)
-    same = numpy.array_equal(tokens[True], tokens[False])
-    return statistics.median(seconds[True]), statistics.median(seconds[False]), same
+    seconds = {"cached": [], "uncached": [], "transformers": [], "busy": []}
+    first, differed = None, set()
+    for _ in range(rounds):
+        for column, run in (("cached", ours(True)), ("uncached", ours(False)),
+                            ("transformers", reference.run if reference else None)):
+            if run:
+                time_taken, tokens = run()
+                seconds[column].append(time_taken)
+                first = tokens if first is None else first
+                if tokens != first:
+                    differed.add(column)
+        with busy_core():
+            seconds["busy"].append(ours(True)()[0])
+    return seconds, sorted(differed)
+
+
+def row(name, config, new_tokens, rounds, transformers):
+    """One row of the table for this model."""
+    model = GPT(config, seed=0, dtype="float32")
+    with tempfile.TemporaryDirectory() as directory:
+        reference = None
+        # transformers' GPT-2 has no sliding window: it samples only within its block.
+        if transformers and new_tokens < config.block_size:
+            from minillm.bench.transformers_reference import TransformersProcess
+
+            model.save_pretrained(directory)
+            reference = TransformersProcess(directory, new_tokens)
+        try:
+            seconds, differed = measure(model, new_tokens, rounds, reference)
+        finally:
+            if reference:
+                reference.close()
+    speed = {column: new_tokens / statistics.median(times) for column, times in seconds.items() if times}
+    # Ratios per round, then their median: a slow spell of the machine falls on both sides of a round.
+    versus = statistics.median(h / c for h, c in zip(seconds["transformers"], seconds["cached"])) if reference else None
+    slowdown = statistics.median(b / c for b, c in zip(seconds["busy"], seconds["cached"]))
+    return [
+        name, f"{config.n_layer}/{config.n_head}/{config.n_embd}", config.vocab_size, config.block_size,
+        new_tokens, rounds, f"{speed['cached']:.0f}", f"{speed['uncached']:.1f}",
+        f"{speed['transformers']:.0f}" if reference else "-", f"{versus:.2f}x" if reference else "-",
+        f"{speed['busy']:.0f}", f"{slowdown:.2f}x", f"no: {', '.join(differed)}" if differed else "yes",
+    ]
+
+
+def weight_stream_rate(config, repeat=10):
+    """Bytes per second at which a matrix-vector product reads the model's largest matrix (the LM head)."""
+    wte = numpy.random.default_rng(0).standard_normal((config.vocab_size, config.n_embd), dtype=numpy.float32)
+    x = numpy.ones((1, config.n_embd), dtype=numpy.float32)
+    x @ wte.T
+    return wte.nbytes / statistics.median(timed(lambda: x @ wte.T)[0] for _ in range(repeat))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillm.bench.sampling", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"put the table into BENCHMARKS.md under '{TITLE}'")
     args = parser.parse_args(argv)
+    transformers = installed_version("transformers")
 
-    headers = ["model", "n_layer/n_head/n_embd", "vocab", "block", "new tokens", "runs",
-               "cached tok/s", "uncached tok/s", "speedup", "same tokens"]
     rows = []
-    for name, config, new_tokens, runs in cases():
-        model = GPT(config, seed=0, dtype="float32")
-        cached, uncached, same = time_both(model, new_tokens, runs)
-        rows.append([
-            name, f"{config.n_layer}/{config.n_head}/{config.n_embd}", config.vocab_size, config.block_size,
-            new_tokens, runs, f"{new_tokens / cached:.0f}", f"{new_tokens / uncached:.1f}",
-            f"{uncached / cached:.1f}x", "yes" if same else "no",
-        ])
-        print(format_table(headers, rows[-1:]).splitlines()[-1], flush=True)
-
-    table = format_table(headers, rows)
+    for name, config, new_tokens, rounds in cases():
+        rows.append(row(name, config, new_tokens, rounds, transformers))
+        print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+    table = format_table(HEADERS, rows)
+    gpt2 = cases()[-1][1]
+    weight_bytes = 4 * GPT(gpt2, seed=0, dtype="float32").num_params()
+    rate = weight_stream_rate(gpt2)
     notes = f"""
-Greedy, batch 1, a one-token prompt, float32, random weights; medians of the runs, the cached and
-uncached run of each model timed in turns. "same tokens": the two paths chose the same tokens.
+Greedy, batch 1, a one-token prompt, float32, random weights; medians over the rounds. In each round
+the cached run, the uncached run, transformers' `generate` (with its KV cache, in a process of its own,
+{'version ' + transformers if transformers else 'not installed'}) and the cached run beside a process
+that keeps one core busy take turns. "vs transformers": the median of the rounds' transformers time /
+cached time (above 1: minillm is faster). "slowdown": the median of the rounds' busy / quiet time of
+the cached run. "same tokens": every run of the row chose the tokens of the first cached run (or
+which runs did not).
 
 - **baby** (block 64): after 64 tokens the window slides every step. Position embeddings are learned
   and added at the input, so every cached key and value goes stale and the cache is rebuilt by a
   64-token prefill each step: past the window, a cached step costs about as much as an uncached one.
-  That is the price of samples identical to the full forward's.
+  That is the price of samples identical to the full forward's. transformers' GPT-2 does not slide
+  its window, so it has no figure here.
 - **baby, block 320**: the same model with room for all 257 positions: no rebuild.
-- **baby, GPT-2 vocabulary**: the shape of the Hugging Face comparison. transformers' GPT-2 `generate`
-  with its KV cache, same shape, greedy, 256 new tokens, measured {HF_TOKENS_PER_SECOND} tokens/s on a
-  2-core machine (the issue's figure, not measured here).
-- **GPT-2 small**: 64 new tokens instead of 256 for both paths, to keep the uncached runs short.
+- **GPT-2 small**: 64 new tokens instead of 256, to keep the uncached runs short. Each token reads all
+  {weight_bytes / 1e6:.0f} MB of float32 weights once; this machine's matrix-vector product streams them
+  at {rate / 1e9:.1f} GB/s (the LM head's {gpt2.vocab_size}x{gpt2.n_embd} matrix, all threads), so no
+  float32 decoder can pass {rate / weight_bytes:.0f} tokens/s at batch 1 here.
 """
     print()
     print(table)
+    print(notes)
     if args.write:
         write_section(TITLE, table + "\n" + notes)
         print(f"\nwritten to BENCHMARKS.md under '{TITLE}'")

@@ -28,6 +28,7 @@ map (bytes_to_unicode).
 
 import json
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -247,7 +248,8 @@ class BPETokenizer:
         The vocabulary is the 256 byte tokens (ids 0..255), then the merged
         tokens in the order learned, then the special tokens. Special tokens in
         the text are cut out before counting, so no merge spans one. If the text
-        runs out of pairs to merge, the vocabulary ends up smaller.
+        runs out of pairs to merge, the vocabulary ends up smaller, with a warning
+        that gives the size reached.
         """
         special_tokens = list(dict.fromkeys(special_tokens))
         n_new_tokens = vocab_size - 256 - len(special_tokens)
@@ -267,7 +269,14 @@ class BPETokenizer:
             except UnicodeEncodeError:
                 raise TokenizerError(f"the training text contains a lone surrogate in {chunk!r}") from None
         vocab, merges = learn_merges(word_counts, n_new_tokens)
-        return cls(vocab, merges, {token: len(vocab) + i for i, token in enumerate(special_tokens)})
+        tokenizer = cls(vocab, merges, {token: len(vocab) + i for i, token in enumerate(special_tokens)})
+        if tokenizer.vocab_size < vocab_size:
+            warnings.warn(
+                f"BPE training reached {tokenizer.vocab_size} tokens, not the {vocab_size} asked for: the text has "
+                f"no more pairs to merge after {len(merges)} merges; train on more text for a larger vocabulary",
+                stacklevel=2,
+            )
+        return tokenizer
 
     # -- GPT-2's files --------------------------------------------------------------------------
 

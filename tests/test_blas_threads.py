@@ -1,0 +1,65 @@
+"""The BLAS thread count while sampling: one per core that other programs leave idle, restored afterwards."""
+
+import numpy
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from minillm import blas_threads
+from minillm.model import GPT, GPTConfig
+from minillm.sampling import stream
+
+
+class Clock:
+    """A scripted busy_seconds(): each tick moves the wall clock, the machine's busy time and ours."""
+
+    def __init__(self):
+        self.now = (100.0, 50.0, 5.0)
+
+    def tick(self, wall, busy, own):
+        self.now = (self.now[0] + wall, self.now[1] + busy, self.now[2] + own)
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("cores, others, expected", [
+    (2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.0, 1), (8, 3.0, 5), (8, 0.0, 8),
+])
+def test_threads_follow_the_cores_other_programs_leave_idle(monkeypatch, cores, others, expected):
+    clock, chosen = Clock(), []
+    monkeypatch.setattr(blas_threads, "busy_seconds", clock)
+    watch = blas_threads.CoreWatch(cores, chosen.append, cores=cores)
+    assert chosen == [1]  # one thread until the load has been seen
+    clock.tick(wall=0.5, busy=0.5 * (others + 1.0), own=0.5)  # we used one core, the others `others`
+    watch.update()
+    assert watch.threads == expected and chosen[-1] == expected
+
+
+def test_the_load_is_read_at_most_every_look_every_seconds(monkeypatch):
+    clock, chosen = Clock(), []
+    monkeypatch.setattr(blas_threads, "busy_seconds", clock)
+    watch = blas_threads.CoreWatch(2, chosen.append, cores=2)
+    clock.tick(wall=blas_threads.LOOK_EVERY / 2, busy=0.0, own=0.0)
+    watch.update()
+    assert watch.threads == 1  # too soon to judge: an idle machine is not seen yet
+    clock.tick(wall=blas_threads.LOOK_EVERY, busy=0.0, own=0.0)
+    watch.update()
+    assert watch.threads == 2 and chosen == [1, 2]
+
+
+def blas_threads_now():
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_sampling_restores_the_blas_thread_count_and_picks_the_same_tokens():
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8), seed=0)
+    prompt = numpy.zeros((1, 1), dtype=numpy.int64)
+    with threadpool_limits(2, user_api="blas"):
+        before = blas_threads_now()
+        tokens = [int(t[0]) for t in stream(model, prompt, 20, temperature=0)]
+        steps = stream(model, prompt, 20, temperature=0)
+        next(steps)
+        steps.close()  # a caller that stops early
+        assert blas_threads_now() == before
+    with threadpool_limits(1, user_api="blas"):
+        assert [int(t[0]) for t in stream(model, prompt, 20, temperature=0)] == tokens
