@@ -250,3 +250,24 @@ def test_bad_input_is_one_line_and_a_failing_status(ckpt, tmp_path, capsys, flag
     assert line.startswith("python -m minillm.inspect: error: ")
     assert all(fragment in line for fragment in fragments), line
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(ckpt, tmp_path, capsys):
+    prompt = TEXT[:TINY.block_size + 5]
+    status, out, err = run(capsys, "--ckpt", ckpt, "--prompt", prompt, "--out-dir", tmp_path)
+    assert status == 0
+    [note] = err.splitlines()
+    assert f"has {len(prompt)} tokens" in note and f"last {TINY.block_size}" in note
+    document = json.loads((tmp_path / "inspect.json").read_text(encoding="utf-8"))
+    assert "".join(document["tokens"]) == prompt[-TINY.block_size:]
+
+
+def test_both_readings_give_the_same_findings(ckpt, tmp_path, capsys):
+    found = {}
+    for reading in ("fast", "reference"):
+        flags = ["--reference"] if reading == "reference" else []
+        assert run(capsys, "--ckpt", ckpt, "--prompt", "the cat sat", "--out-dir", tmp_path / reading, *flags)[0] == 0
+        found[reading] = json.loads((tmp_path / reading / "inspect.json").read_text(encoding="utf-8"))
+    numpy.testing.assert_allclose(found["fast"]["attention"], found["reference"]["attention"], rtol=0, atol=1e-5)
+    assert [p["id"] for p in found["fast"]["next"]] == [p["id"] for p in found["reference"]["next"]]
+    assert found["fast"]["mean_loss"] == pytest.approx(found["reference"]["mean_loss"], rel=1e-5)
