@@ -271,3 +271,15 @@ def test_both_readings_give_the_same_findings(ckpt, tmp_path, capsys):
     numpy.testing.assert_allclose(found["fast"]["attention"], found["reference"]["attention"], rtol=0, atol=1e-5)
     assert [p["id"] for p in found["fast"]["next"]] == [p["id"] for p in found["reference"]["next"]]
     assert found["fast"]["mean_loss"] == pytest.approx(found["reference"]["mean_loss"], rel=1e-5)
+
+
+def test_the_weights_are_kept_and_read_on_the_models_device(xp_device):
+    """On a GPU the kept weights are CuPy arrays; look_inside brings them to the host (skipped without one)."""
+    model, tokenizer = char_model(dtype="float32")
+    ids = tokenizer.encode("the cat sat")
+    on_device = GPT(TINY, device=xp_device, params={n: backend.to_device(p, xp_device) for n, p in model.params.items()})
+    for reference in (True, False):
+        model.reference = on_device.reference = reference
+        found, expected = look_inside(on_device, tokenizer, ids), look_inside(model, tokenizer, ids)
+        numpy.testing.assert_allclose(found["attention"], expected["attention"], rtol=0, atol=1e-5)
+        assert found["mean_loss"] == pytest.approx(expected["mean_loss"], rel=1e-5)

@@ -10,7 +10,7 @@ import json
 import numpy
 import pytest
 
-from minillm import checkpoint, data, training
+from minillm import backend, checkpoint, data, training
 from minillm.health import LayerWatch, group_of
 from minillm.model import GPT, GPTConfig, parameter_shapes
 from minillm.optim import AdamW
@@ -110,3 +110,19 @@ def test_log_layers_leaves_training_bit_identical_and_logs_every_group(tmp_path,
     pytest.importorskip("matplotlib")
     assert (on / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (off / "layers.png").exists()
+
+
+def test_the_watch_measures_on_the_models_device(tmp_path, xp_device):
+    """Measured on a GPU, read back at report(): the host's float64 norms to float32's precision (skipped without one)."""
+    rng = numpy.random.default_rng(1)
+    idx, targets = rng.integers(0, CONFIG.vocab_size, size=(2, 2, 8))
+    host = GPT(CONFIG, seed=2)
+    host(idx, targets)
+    grads = {name: g.astype(numpy.float64) for name, g in host.backward().items()}
+    model = GPT(CONFIG, device=xp_device, params={n: backend.to_device(p, xp_device) for n, p in host.params.items()})
+    watch = LayerWatch(AdamW(model.trainable_params()))
+    _, grad_norm, _ = train_step(model, watch, lambda rng: (idx, targets), 0, TrainConfig(grad_clip=0.0),
+                                 NonfiniteWatch(xp_device, model.dtype, tmp_path))
+    for group, measured in watch.report(grad_norm, 0.0)["layers"].items():
+        assert measured["grad_norm"] == pytest.approx(group_norm(grads, group), rel=1e-4)
+        assert 0 < measured["update_ratio"] < 1
