@@ -75,7 +75,7 @@ def draw_predictions(found, path):
     predictions = found["predictions"]
     columns = [*predictions, {"guesses": found["next"]}]  # after the last token: the next one
     width = max(6.0, 0.55 * len(columns) + 1.5)
-    fig, (bars, grid) = plt.subplots(2, 1, figsize=(width, 5.2), sharex=True, height_ratios=[1, 1.4])
+    fig, (bars, grid) = plt.subplots(2, 1, figsize=(width, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 1.4]})
     xs = numpy.arange(len(columns))
     bars.bar(xs[:-1], [p["probability"] for p in predictions], color="tab:blue")
     bars.set_ylim(0, 1)
