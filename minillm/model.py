@@ -135,16 +135,17 @@ def init_params(config, rng, dtype, names=None):
     return params
 
 
-def block_forward(layers, x, w, prefix, n_head, dropout_p, rng, kv_cache=None):
+def block_forward(layers, x, w, prefix, n_head, dropout_p, rng, kv_cache=None, keep_weights=None):
     """One transformer block on the layer functions of `layers`; its weights are w[prefix + name].
 
-    `kv_cache` (an attention.KVCache) makes x the positions after the cached ones.
+    `kv_cache` (an attention.KVCache) makes x the positions after the cached ones;
+    `keep_weights` (a list) gets the block's attention weights appended.
     """
     p = lambda name: w.get(prefix + name)  # None for biases the config leaves out
     h, ln_1 = layers.layernorm.forward(x, p("ln_1.weight"), p("ln_1.bias"))
     a, attn = layers.attention.forward(
         h, p("attn.c_attn.weight"), p("attn.c_attn.bias"),
-        p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng, kv_cache,
+        p("attn.c_proj.weight"), p("attn.c_proj.bias"), n_head, dropout_p, rng, kv_cache, keep_weights,
     )
     a, drop_attn = layers.dropout.forward(a, dropout_p, rng)
     x = x + a
@@ -195,6 +196,8 @@ class GPT:
         grads = model.backward()             # dict with the keys and shapes of model.params
         model.train() / model.eval()         # dropout on / off (eval also keeps nothing for backward)
         model.reference = True               # run on minillm.layers, the reference (default: minillm.fast)
+        model.keep_attention = True          # each forward() keeps every layer's attention weights:
+        model.attention_weights              #   [P of block 0, ...], each (B, n_head, T, T) (minillm/inspect.py)
 
         kv_cache = model.new_kv_cache(B)     # sampling: run the prompt once,
         logits = model.decode(prompt, kv_cache)          # then one token at a time
@@ -218,6 +221,9 @@ class GPT:
         self.frozen = set()
         self.training = True
         self._cache = None
+        # Off, forward() keeps no attention weights and attention_weights stays None.
+        self.keep_attention = False
+        self.attention_weights = None
 
     @property
     def layers(self):
@@ -341,9 +347,11 @@ class GPT:
         x, embed = layers.embedding.forward(idx, w["wte.weight"], w["wpe.weight"])
         x, embed_drop = layers.dropout.forward(x, dropout_p, rng)
         blocks = []
+        kept = [] if self.keep_attention else None
         for i in range(cfg.n_layer):
-            x, block = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, dropout_p, rng)
+            x, block = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, dropout_p, rng, keep_weights=kept)
             blocks.append(block)
+        self.attention_weights = kept
         x, ln_f = layers.layernorm.forward(x, w["ln_f.weight"], w.get("ln_f.bias"))
         logits, head = layers.linear.forward(x, w["wte.weight"].T)
         loss = loss_cache = None

@@ -58,6 +58,8 @@ HELP = {
     "patience": "stop after this many evaluations without a better val loss (0: never)",
     "save_interval": "steps between saves of the resume state",
     "log_interval": "steps between progress lines",
+    "log_layers": "at each progress line, also log each layer's gradient norm and update/weight ratio "
+    "(log.jsonl) and draw them (OUT_DIR/layers.png)",
     "sample_tokens": "tokens in the final sample",
     "seed": "random seed (initialisation, batches, dropout, samples)",
     "device": "cpu, cuda, or auto (CUDA when CuPy and a GPU are present)",

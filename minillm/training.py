@@ -27,6 +27,8 @@ The out dir holds:
     train.bin, val.bin   the token files
     log.jsonl    one JSON object per progress line and per evaluation
     loss.png     the loss curves (when matplotlib is installed)
+    layers.png   with --log-layers: each parameter group's gradient norm and update/weight ratio
+                 (minillm/health.py), which the progress lines of log.jsonl then also hold
 """
 
 import contextlib
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy
 
 from minillm import backend, checkpoint, data, evaluate, parallel, sft
+from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.progress import LOG_FILE, PLOT_FILE, Progress, plot_losses
@@ -51,7 +54,7 @@ BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
 MERGED_CHECKPOINT = "merged.npz"
 HELD_OUT_SHOWN = 3
-RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT_FILE)  # what --overwrite deletes
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT_FILE, LAYERS_PLOT_FILE)  # --overwrite deletes
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
@@ -134,6 +137,7 @@ class TrainConfig:
     patience: int = 0  # 0: no early stopping
     save_interval: int = 250
     log_interval: int = 50
+    log_layers: bool = False  # per parameter group: gradient norm and update/weight ratio at each log line
     sample_tokens: int = 200
     seed: int = 1337
     device: str = "auto"
@@ -510,6 +514,8 @@ def loop(run, progress, stop_requested):
     model = run.model if cfg.threads == 1 else parallel.ShardedGPT(run.model, cfg.threads)
     # Reading values back is free on the CPU and costly on a GPU: see minillm/readback.py.
     clock, watch = StepClock(run.device), NonfiniteWatch(run.device, run.model.dtype, run.out_dir)
+    # --log-layers: the logged steps' updates measured per parameter group (minillm/health.py).
+    layer_watch = LayerWatch(run.optimizer) if cfg.log_layers else None
 
     def sync_point():
         """Let the device finish the queued steps; fail if one of them went non-finite."""
@@ -540,16 +546,19 @@ def loop(run, progress, stop_requested):
                 progress.print(f"stopped at step {step}; saved {run.last_path}; continue with --resume")
                 return None
 
+            logged = (step + 1) % cfg.log_interval == 0 or step == start_step
+            optimizer = layer_watch if logged and layer_watch else run.optimizer
             clock.start()
-            loss, grad_norm, tokens = train_step(model, run.optimizer, train_batch, step, cfg, watch)
+            loss, grad_norm, tokens = train_step(model, optimizer, train_batch, step, cfg, watch)
             clock.count(tokens)
             run.step = step + 1
-            if run.step % cfg.log_interval == 0 or step == start_step:
+            if logged:
                 sync_point()
                 ms_per_step, tokens_per_s = clock.rates()
                 progress.report(
                     {"step": run.step, "loss": backend.to_float(loss), "grad_norm": backend.to_float(grad_norm),
                      "lr": learning_rate(step, cfg), "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s}
+                    | (layer_watch.report(grad_norm, cfg.grad_clip) if layer_watch else {})
                 )
             progress.advance()
     finally:
@@ -577,6 +586,8 @@ def evaluate_and_keep_best(run, model, progress, start_step):
         run.save(run.best_path, val_loss=run.best_val)
     elif step > start_step:
         run.since_best += 1
+    if cfg.log_layers:
+        plot_layers(progress.log_path, run.out_dir / LAYERS_PLOT_FILE)
     return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
 
 
@@ -611,5 +622,7 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
         print(f"LoRA adapters merged into the weights: {merged_path}")
     print(f"log: {log_path}" + (f", loss curve: {run.out_dir / PLOT_FILE}" if plotted else
           " (install matplotlib for a loss-curve picture: pip install -e '.[plots]')"))
+    if cfg.log_layers and plotted:
+        print(f"gradient norms and update/weight ratios per layer: {run.out_dir / LAYERS_PLOT_FILE}")
     print(f"sample from it: python generate.py --ckpt {run.best_path}")
     return best_model

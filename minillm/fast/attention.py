@@ -102,13 +102,16 @@ class KVCache:
         self.length = 0
 
 
-def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None,
+def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None, keep_weights=None,
             query_block=QUERY_BLOCK):
     """`rng` (a backend.RNG) draws the attention-dropout mask; None switches it off.
 
     With a `kv_cache` (a KVCache), x holds the positions after the cached ones;
     their keys and values are appended to it, and the returned cache is None:
     this path is for inference and keeps nothing for a backward pass.
+    `keep_weights`, a list, gets P (B, n_head, T, past + T) appended: the attention
+    weights this pass used, each block's rows put in place (zero where a block
+    computed nothing, as the mask makes them), for minillm/inspect.py.
     `query_block`: queries per causal block (see the module docstring).
     """
     xp = get_array_module(x)
@@ -129,6 +132,7 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     # Y = Pd @ v is written with the heads already side by side (y[b, t, h] = Y[b, h, t]): no merge copy.
     y = xp.empty((B, T, n_head, C // n_head), dtype=x.dtype)
     Y = y.transpose(0, 2, 1, 3)
+    kept = None if keep_weights is None else xp.zeros((B, n_head, T, past + T), dtype=x.dtype)
     blocks = []
     for a, b in query_blocks(T, query_block):
         seen = past + b  # the keys of positions 0 .. past + b - 1
@@ -142,6 +146,8 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
             if mask is not None:
                 S += mask
         P, softmax_cache = softmax.forward(S)
+        if kept is not None:
+            kept[:, :, a:b, :seen] = P
         if u is None:
             Pd, dropout_cache = P, None
         else:  # reference dropout's rule on this block's slice of the draw
@@ -151,6 +157,8 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
         xp.matmul(Pd, v[:, :, :seen], out=Y[:, :, a:b])
         blocks.append((a, b, Pd, softmax_cache, dropout_cache))
     del u
+    if kept is not None:
+        keep_weights.append(kept)
     out, proj_cache = linear.forward(y.reshape(x.shape), w_proj, b_proj)
     if kv_cache is not None:
         return out, None

@@ -9,7 +9,8 @@ forward:  qkv = x @ w_attn + b_attn                          (B, T, 3C)   linear
           S  = q @ k^T / sqrt(hs) + M                        (B, n_head, T, T)
                M[t, u] = 0 for u <= t and -inf for u > t: a position sees only
                itself and the past, and exp(-inf) = 0 excludes the future exactly
-          P  = softmax(S)                                    each row sums to 1
+          P  = softmax(S)                                    each row sums to 1: the attention
+               weights, how query t shares its attention among the keys 0..t
           Pd = dropout(P)
           Y  = Pd @ v                                        (B, n_head, T, hs)
           y  = Y -> (B, T, C)                                (merge: heads side by side again)
@@ -98,12 +99,14 @@ class KVCache:
         self.v = self.v[:, :, :0]
 
 
-def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None):
+def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None, keep_weights=None):
     """`rng` (a backend.RNG) draws the attention-dropout mask; None switches it off.
 
     With a `kv_cache` (a KVCache), x holds the positions after the cached ones;
     their keys and values are appended to it, and the returned cache is None:
     this path is for inference and keeps nothing for a backward pass.
+    `keep_weights`, a list, gets P (B, n_head, T, past + T) appended: the attention
+    weights this pass used, for looking inside the model (minillm/inspect.py).
     """
     xp = get_array_module(x)
     C = x.shape[-1]
@@ -118,6 +121,8 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     T, past = x.shape[1], k.shape[2] - x.shape[1]
     S = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs) + causal_mask(T, past, x.dtype, xp)
     P, softmax_cache = softmax.forward(S)
+    if keep_weights is not None:
+        keep_weights.append(P)
     Pd, dropout_cache = dropout.forward(P, dropout_p, rng)
     Y = Pd @ v
     y = merge_heads(Y)
