@@ -302,3 +302,12 @@ def test_sft_evaluations_show_answers_to_held_out_prompts(pretrained, tmp_path, 
         assert out.count(f"    {prompt!r} -> ") == 3  # at steps 0 and 4, and from the best checkpoint
         assert f"(expected {completion!r})" in out
     assert "sample" not in out.replace("sample from it:", "")
+
+
+def test_init_from_says_what_it_loaded(pretrained, tmp_path, capsys):
+    model, tokenizer, _, _ = checkpoint.load(pretrained)
+    fine_tune(pretrained, tmp_path / "run", max_iters=1)
+    c = model.config
+    assert (f"init from {pretrained}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, context "
+            f"{c.block_size}, {model.num_params():,} parameters, char vocabulary of {tokenizer.vocab_size}\n"
+            ) in capsys.readouterr().out

@@ -292,3 +292,13 @@ def test_evaluations_announce_themselves_and_sample_tokens_0_prints_no_sample(tm
     for step in (0, 6, 12):
         assert f"step {step}: evaluating (2 batches per split)\nstep {step}: train loss" in out
     assert "sample" not in out.replace("sample from it:", "")
+
+
+def test_the_learning_rate_decays_until_max_iters_unless_told_otherwise():
+    from dataclasses import replace
+
+    from minillm.training import learning_rate
+
+    cfg = TrainConfig(max_iters=300, warmup_iters=10, lr=1e-3, min_lr=1e-4)
+    assert learning_rate(299, cfg) > cfg.min_lr and learning_rate(300, cfg) == cfg.min_lr
+    assert learning_rate(300, replace(cfg, lr_decay_iters=600)) > cfg.min_lr
