@@ -74,14 +74,15 @@ def save(path, model, tokenizer, optimizer=None, **meta):
         raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; {kept}") from None
 
 
-def remove_unfinished_writes(directory):
-    """Delete the temporary files of writes that a killed process left behind in directory.
+def remove_unfinished_writes(directory, names):
+    """Delete the temporary files that a killed process's atomic_write of these file names left in directory.
 
     Only a run holding the directory's lock may call this: no write of another run
     can then be in flight.
     """
-    for leftover in Path(directory).glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
+    for name in names:
+        for leftover in Path(directory).glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 @contextmanager

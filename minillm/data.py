@@ -13,6 +13,8 @@ import numpy
 
 from minillm.checkpoint import atomic_write
 
+TOKEN_FILES = ("train.bin", "val.bin")  # what prepare_splits writes into the out dir
+
 
 class DataError(ValueError):
     """A corpus that cannot be read or is too small to train on."""

@@ -382,7 +382,7 @@ def train(cfg):
     with checkpoint.exclusive(out_dir):
         # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).
         refuse_another_run(cfg, out_dir)
-        checkpoint.remove_unfinished_writes(out_dir)
+        checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + data.TOKEN_FILES)
         if cfg.overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
