@@ -8,7 +8,9 @@ same sample drawn by Hugging Face transformers (when it is installed: in a
 process of its own, from the same weights written by save_pretrained) and the
 cached run again beside a process that keeps one core busy are timed in turn,
 so that a slow spell of the machine falls on all of them alike; the table gives
-medians over the rounds. --write puts the table into BENCHMARKS.md.
+medians over the rounds. Beside the busy process the cached run is also timed
+with the BLAS thread count left as it is (threads_unwatched), as sampling ran
+before minillm.blas_threads. --write puts the table into BENCHMARKS.md.
 """
 
 import argparse
@@ -21,7 +23,7 @@ import time
 
 import numpy
 
-from minillm import data
+from minillm import blas_threads, data
 from minillm.bench.common import format_table, write_section
 from minillm.bench.training import installed_version
 from minillm.model import GPT, GPTConfig
@@ -31,7 +33,8 @@ from minillm.tokenizers.char import CharTokenizer
 TITLE = "Sampling: tokens per second with and without the KV cache"
 GPT2_VOCAB = 50257
 HEADERS = ["model", "n_layer/n_head/n_embd", "vocab", "block", "new tokens", "rounds", "cached tok/s",
-           "uncached tok/s", "transformers tok/s", "vs transformers", "busy beside: tok/s", "slowdown", "same tokens"]
+           "uncached tok/s", "transformers tok/s", "vs transformers", "busy beside: tok/s", "slowdown",
+           "busy, threads unwatched", "same tokens"]
 
 
 def cases():
@@ -58,6 +61,17 @@ def busy_core():
         process.wait()
 
 
+@contextlib.contextmanager
+def threads_unwatched():
+    """Sampling as it ran before minillm.blas_threads: the BLAS keeps its own thread count throughout."""
+    watch_for = blas_threads.watch_for
+    blas_threads.watch_for = lambda device: contextlib.nullcontext(blas_threads.Unwatched())
+    try:
+        yield
+    finally:
+        blas_threads.watch_for = watch_for
+
+
 def timed(fn):
     """(seconds, result) of one fn() call."""
     start = time.perf_counter()
@@ -79,7 +93,7 @@ def measure(model, new_tokens, rounds, reference=None):
 
     for use_cache in (True, False):  # warm-up: memory allocator, BLAS threads
         generate(model, prompt, 4, temperature=0, use_cache=use_cache)
-    seconds = {"cached": [], "uncached": [], "transformers": [], "busy": []}
+    seconds = {"cached": [], "uncached": [], "transformers": [], "busy": [], "busy, unwatched": []}
     first, differed = None, set()
     for _ in range(rounds):
         for column, run in (("cached", ours(True)), ("uncached", ours(False)),
@@ -92,6 +106,8 @@ def measure(model, new_tokens, rounds, reference=None):
                     differed.add(column)
         with busy_core():
             seconds["busy"].append(ours(True)()[0])
+            with threads_unwatched():
+                seconds["busy, unwatched"].append(ours(True)()[0])
     return seconds, sorted(differed)
 
 
@@ -119,7 +135,8 @@ def row(name, config, new_tokens, rounds, transformers):
         name, f"{config.n_layer}/{config.n_head}/{config.n_embd}", config.vocab_size, config.block_size,
         new_tokens, rounds, f"{speed['cached']:.0f}", f"{speed['uncached']:.1f}",
         f"{speed['transformers']:.0f}" if reference else "-", f"{versus:.2f}x" if reference else "-",
-        f"{speed['busy']:.0f}", f"{slowdown:.2f}x", f"no: {', '.join(differed)}" if differed else "yes",
+        f"{speed['busy']:.0f}", f"{slowdown:.2f}x", f"{speed['busy, unwatched']:.0f}",
+        f"no: {', '.join(differed)}" if differed else "yes",
     ]
 
 
@@ -151,7 +168,8 @@ the cached run, the uncached run, transformers' `generate` (with its KV cache, i
 {'version ' + transformers if transformers else 'not installed'}) and the cached run beside a process
 that keeps one core busy take turns. "vs transformers": the median of the rounds' transformers time /
 cached time (above 1: minillm is faster). "slowdown": the median of the rounds' busy / quiet time of
-the cached run. "same tokens": every run of the row chose the tokens of the first cached run (or
+the cached run. "busy, threads unwatched": the same, with the BLAS keeping its own thread count
+(all cores) as sampling did before it watched the cores' load. "same tokens": every run of the row chose the tokens of the first cached run (or
 which runs did not).
 
 - **baby** (block 64): after 64 tokens the window slides every step. Position embeddings are learned
