@@ -2,7 +2,10 @@
 
 import sys
 
-from minillm.train_cli import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from minillm.train_cli import main
+
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while Python is still importing, before main() handles it
+        sys.exit(130)
