@@ -143,6 +143,7 @@ def exclusive(directory):
 UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError)
 META = "meta.json"
 META_LIMIT = 64 * files.MiB  # a BPE tokenizer of 50,000 tokens takes about 2 MiB
+MEMBER_FOLDERS = ("params/", "adam_m/", "adam_v/")
 NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -285,15 +286,16 @@ def model_from_meta(meta, path, device):
 
 
 def check_member_names(archive, path, model, has_optimizer):
-    """Every member is meta.json or a parameter or moment of this model: a name that is not is damage
-    (a central directory entry that no longer matches its file), not something to skip."""
-    known = {META} | {f"{kind}/{name}" for kind in ("params", "adam_m", "adam_v") for name in model.params}
+    """A name under params/, adam_m/ or adam_v/ that is not one of this model's parameters is damage
+    (a central directory entry that no longer matches its file), not something to skip; members
+    outside those folders are left unread."""
     names = [info.filename.removesuffix(".npy") for info in archive.infolist()]
-    unknown = [name for name in names if name not in known]
+    ours = [name for name in names if name.startswith(MEMBER_FOLDERS)]
+    unknown = [name for name in ours if name.split("/", 1)[1] not in model.params]
     if unknown:
-        raise CheckpointError(f"{path}: an unexpected member {unknown[0]!r}; not a checkpoint of this model")
-    moments = {kind: {name.split("/", 1)[1] for name in names if name.startswith(kind + "/")} for kind in ("adam_m", "adam_v")}
-    if moments["adam_m"] != moments["adam_v"] or (moments["adam_m"] and not has_optimizer):
+        raise CheckpointError(f"{path}: the member {unknown[0]!r} is no parameter of this model")
+    moments = {kind: {name.split("/", 1)[1] for name in ours if name.startswith(kind)} for kind in ("adam_m/", "adam_v/")}
+    if moments["adam_m/"] != moments["adam_v/"] or (moments["adam_m/"] and not has_optimizer):
         raise CheckpointError(f"{path}: the optimizer moments adam_m and adam_v do not match")
 
 

@@ -76,7 +76,7 @@ def run(prog, body, debug=False):
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:
         # The reader (e.g. `head`) has gone: stop quietly, and point stdout at /dev/null so that

@@ -136,9 +136,8 @@ def read_prompt(args):
         try:
             args.prompt.encode("utf-8")
         except UnicodeEncodeError:
-            raw = os.fsencode(args.prompt)
-            bad = next(i for i in range(len(raw)) if not is_utf8_at(raw, i))
-            raise ConfigError(f"--prompt: not UTF-8 text (byte {bad} is {raw[bad]:#04x})") from None
+            files.decode_utf8(os.fsencode(args.prompt), "--prompt", ConfigError)
+            raise ConfigError("--prompt: not UTF-8 text") from None  # text no shell passes
         return args.prompt
     if args.prompt_file in (None, "-"):
         raw = sys.stdin.buffer.read(PROMPT_LIMIT + 1)
@@ -146,15 +145,6 @@ def read_prompt(args):
             raise ConfigError(f"standard input: more than the {PROMPT_LIMIT:,} bytes a prompt may have")
         return files.decode_utf8(raw, "standard input", ConfigError)
     return files.read_small_text(args.prompt_file, ConfigError, PROMPT_LIMIT, "a UTF-8 prompt file (--prompt-file)")
-
-
-def is_utf8_at(raw, i):
-    """Whether raw[:i + 1] starts no invalid UTF-8 sequence at or before byte i."""
-    try:
-        raw[: i + 1].decode("utf-8")
-        return True
-    except UnicodeDecodeError as err:
-        return err.reason == "unexpected end of data"
 
 
 def main(argv=None):

@@ -116,7 +116,7 @@ def model_gradients_and_errors(model, idx, targets, dropout_seed=0, tolerance=TO
     return analytic, {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in trainable.items()}
 
 
-def parse_args(argv):
+def build_parser():
     parser = cli.ArgumentParser(
         prog="python -m minillm.gradcheck",
         description="Check the model's analytic gradients against central finite differences, in float64, on a "
@@ -145,6 +145,11 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES, help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--reference", action="store_true",
                         help="check the model on the reference layers (minillm.layers) instead of the fast ones")
+    return parser
+
+
+def parse_args(argv):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size"):
         if getattr(args, name) < 1:

@@ -207,7 +207,8 @@ def from_pretrained(path, dtype="float32", device="cpu"):
 def weights_file(directory):
     """directory/model.safetensors, or a clear refusal of what is there instead."""
     path = directory / "model.safetensors"
-    if path.is_file():
+    if path.exists() or path.is_symlink():
+        files.open_regular(path, PretrainedError, "GPT-2's model.safetensors").close()
         return path
     if (directory / "model.safetensors.index.json").is_file():
         raise PretrainedError(
@@ -291,7 +292,8 @@ def unreadable(path, err):
 
 def read_tokenizer(directory, config):
     """The BPE tokenizer of a GPT-2 directory, or None when it has neither vocab.json nor merges.txt."""
-    present = [name for name in ("vocab.json", "merges.txt") if (directory / name).is_file()]
+    # Anything by these names counts as present: a FIFO or a folder is then refused by name when read.
+    present = [name for name in ("vocab.json", "merges.txt") if (directory / name).exists() or (directory / name).is_symlink()]
     if not present:
         return None
     if len(present) == 1:

@@ -30,6 +30,7 @@ The out dir holds:
 """
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -180,7 +181,16 @@ def field_problem(name, value):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, kind) and not isinstance(value, bool)
-    return None if ok else f"{flag(name)} must be {TYPE_WORDS[kind]}, got {value!r}"
+    return None if ok else f"{flag(name)} must be {TYPE_WORDS[kind]}, got {shown(value)}"
+
+
+def shown(value):
+    """A value as the JSON or TOML it came from would write it (true, not True), cut short when long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
