@@ -1,11 +1,9 @@
 """Sample text from a checkpoint: `python generate.py --help` lists every option."""
 
-import sys
-
 if __name__ == "__main__":
     try:
-        from minillm.generate_cli import main
+        from minillm.launch import run_command
 
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while Python is still importing, before main() handles it
-        sys.exit(130)
+        run_command("minillm.generate_cli")
+    except KeyboardInterrupt:  # Ctrl-C before even the launcher was loaded
+        raise SystemExit(130) from None

@@ -1,11 +1,9 @@
 """Train a GPT: `python train.py --help` lists every option."""
 
-import sys
-
 if __name__ == "__main__":
     try:
-        from minillm.train_cli import main
+        from minillm.launch import run_command
 
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C while Python is still importing, before main() handles it
-        sys.exit(130)
+        run_command("minillm.train_cli")
+    except KeyboardInterrupt:  # Ctrl-C before even the launcher was loaded
+        raise SystemExit(130) from None

@@ -14,12 +14,13 @@ import re
 import sys
 
 from minillm import backend, checkpoint, data, hf
+from minillm.launch import INTERRUPTED
 from minillm.model import ConfigError
 from minillm.readback import TrainingError
 from minillm.tokenizers.bpe import TokenizerError
 from minillm.tokenizers.char import UnknownCharactersError
 
-DONE, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+DONE, FAILED, USAGE = 0, 1, 2
 USAGE_ERRORS = (ConfigError, backend.BackendError)
 RUN_ERRORS = (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, TokenizerError,
               UnknownCharactersError, OSError)
