@@ -16,7 +16,6 @@ another example, and the padding comes after a row's last token, where causal
 attention keeps it out of every real position.
 """
 
-import json
 from pathlib import Path
 
 import numpy
