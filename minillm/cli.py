@@ -37,7 +37,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message):
-        self.exit(USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
 
 
 class NamedOutput:
@@ -87,7 +87,7 @@ def run(prog, body, debug=False):
     except USAGE_ERRORS as err:
         if debug:
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return USAGE
     except RUN_ERRORS as err:
         if debug:
@@ -96,10 +96,19 @@ def run(prog, body, debug=False):
             if err.filename == "standard output":
                 quiet_stdout()
             err = oserror_text(err)
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return FAILED
     finally:
         sys.stdout = stdout
+
+
+# Characters at which a terminal or str.splitlines starts a new line.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(message):
+    """The message with any line break in it (from a file name or a value quoted as is) escaped."""
+    return "".join(repr(char)[1:-1] if char in LINE_BREAKS else char for char in str(message))
 
 
 def oserror_text(err):

@@ -123,10 +123,10 @@ def config_from_hf(hf_config, where="config.json"):
     refusals = [
         (get("model_type", "gpt2") != "gpt2", f"model_type is {get('model_type')!r}; only gpt2 models can be read"),
         (get("layer_norm_epsilon", layernorm.EPS) != layernorm.EPS,
-         f"layer_norm_epsilon is {get('layer_norm_epsilon')}; minillm's LayerNorm uses GPT-2's {layernorm.EPS}"),
+         f"layer_norm_epsilon is {get('layer_norm_epsilon')!r}; minillm's LayerNorm uses GPT-2's {layernorm.EPS}"),
         (get("activation_function", "gelu_new") not in GELU_TANH,
          f"activation_function is {get('activation_function')!r}; minillm has GPT-2's gelu_new"),
-        (get("n_inner") not in (None, 4 * n_embd), f"n_inner is {get('n_inner')}; minillm's MLP is 4 * n_embd wide"),
+        (get("n_inner") not in (None, 4 * n_embd), f"n_inner is {get('n_inner')!r}; minillm's MLP is 4 * n_embd wide"),
         (not get("scale_attn_weights", True), "scale_attn_weights is false; minillm scales attention by 1/sqrt(head size)"),
         (get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is true; minillm does not"),
         (get("add_cross_attention", False), "add_cross_attention is true; minillm has no cross-attention"),
