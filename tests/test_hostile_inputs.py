@@ -10,6 +10,7 @@ real process; `deadline` turns a hang into a failure instead of a stuck test run
 """
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -595,6 +596,22 @@ def test_a_full_standard_output_is_one_line_naming_it(trained):
              "--device", "cpu"], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
         )
     assert "standard output" in one_line(result.stderr, result.returncode, (1,))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file being written through /proc")
+@pytest.mark.parametrize("failing", ["train.bin", "val.bin", "loss.png"])
+def test_a_full_disk_while_writing_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch, corpus, failing):
+    real_fsync = os.fsync
+
+    def fsync(fd):  # the temporary file beside `failing` is the one being written
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(f".{failing}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    status, _, err = call(train_cli.main, ["--data", corpus, "--out-dir", tmp_path, *flags()], capsys)
+    line = one_line(err, status, (1,))
+    assert failing in line and "No space left on device" in line, line
 
 
 def test_outputs_are_written_with_the_users_umask(tmp_path, corpus):
