@@ -479,19 +479,18 @@ def test_resume_with_init_from_is_refused_rather_than_init_from_dropped(tmp_path
 
 
 @settings(max_examples=10)
-@given(fraction=st.floats(min_value=0.0, max_value=0.999))
+@given(fraction=st.floats(min_value=0.0, max_value=1.0))
 def test_a_merges_file_cut_short_is_refused_not_read_as_special_tokens(tmp_path_factory, bpe_checkpoint, fraction):
     folder = tmp_path_factory.mktemp("merges")
     (folder / "vocab.json").write_bytes((bpe_checkpoint / "vocab.json").read_bytes())
     lines = (bpe_checkpoint / "merges.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = 1 + int(fraction * (len(lines) - 1))  # the #version line, then a part of the merges
+    kept = 1 + int(fraction * (len(lines) - 1))  # the #version line, then a part of the merges (or all)
     (folder / "merges.txt").write_text("".join(lines[:kept]), encoding="utf-8")
+    if kept == len(lines):
+        assert BPETokenizer.load(folder).vocab_size == 300
+        return
     with pytest.raises(TokenizerError, match="missing merges"):
         BPETokenizer.load(folder)
-
-
-def test_the_whole_merges_file_still_loads(bpe_checkpoint):
-    assert BPETokenizer.load(bpe_checkpoint).vocab_size == 300
 
 
 line_breaks_inside_strings = st.sampled_from(["\u2028", "\u2029", "\u0085", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c"])
@@ -661,9 +660,8 @@ def test_gradcheck_states_the_model_it_checks(capsys):
     assert "n_layer 1, n_head 2, n_embd 4" in out and "block_size 3" in out
 
 
-@pytest.mark.parametrize("error", [math.nan, math.inf])
-def test_gradcheck_never_passes_an_error_it_could_not_compare(capsys, monkeypatch, error):
-    monkeypatch.setattr(gradcheck, "gradient_error", lambda *args, **kwargs: error)
+def test_gradcheck_never_passes_an_error_it_could_not_compare(capsys, monkeypatch):
+    monkeypatch.setattr(gradcheck, "gradient_error", lambda *args, **kwargs: math.nan)
     status, out, _ = call(gradcheck.main, ["--n-layer", 1], capsys)
     assert status == 1 and " 0 passed" in out
 
