@@ -70,11 +70,13 @@ def sample_next(logits, temperature, top_k, top_p, rng):
     xp = backend.get_array_module(logits)
     # Below the dtype's smallest normal number, dividing by the temperature would give 0 / 0 for the
     # largest logit: such a temperature is greedy sampling in all but name.
-    if temperature < xp.finfo(logits.dtype).tiny:
+    limits = xp.finfo(logits.dtype)
+    if temperature < float(limits.tiny):
         return logits.argmax(axis=-1)
     # Shifting the largest logit to 0 first: a tiny temperature then sends the others
     # toward -inf (greedy in the limit) instead of overflowing the largest to +inf.
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / float(temperature)
+    # A temperature beyond the dtype's range would overflow in the cast: the limit, a uniform draw, is the same.
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / min(float(temperature), float(limits.max))
     if top_k is not None:
         logits = keep_top_k(logits, top_k)
     if top_p is not None and top_p < 1:
