@@ -1,8 +1,9 @@
 """Sample text from a checkpoint: `python generate.py --help` lists every option."""
 
-import sys
-
-from minillm.generate_cli import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from minillm.launch import run_command
+
+        run_command("minillm.generate_cli")
+    except KeyboardInterrupt:  # Ctrl-C before even the launcher was loaded
+        raise SystemExit(130) from None

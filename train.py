@@ -1,8 +1,9 @@
 """Train a GPT: `python train.py --help` lists every option."""
 
-import sys
-
-from minillm.train_cli import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from minillm.launch import run_command
+
+        run_command("minillm.train_cli")
+    except KeyboardInterrupt:  # Ctrl-C before even the launcher was loaded
+        raise SystemExit(130) from None

@@ -13,6 +13,7 @@ target, so an interrupted save leaves the previous checkpoint intact.
 """
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numpy
 
-from minillm import backend, tokenizers
-from minillm.model import GPT, GPTConfig
+from minillm import backend, files, memory, tokenizers
+from minillm.model import GPT, ConfigError, GPTConfig
 
 FORMAT = "minillm-checkpoint"
 VERSION = 1
@@ -33,17 +34,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written."""
 
 
+def current_umask():
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: os.umask is process-wide, and reading it later, while other threads
+# create files, could let one of them see the temporary value.
+UMASK = current_umask()
+
+
 def atomic_write(path, write):
-    """Call write(file_object) on a temporary file, then rename it to `path`."""
+    """Call write(file_object) on a temporary file, then rename it to `path`.
+
+    The file gets the permissions any new file gets (0666 less the umask): mkstemp makes its
+    temporary file private (0600), which the renamed file would otherwise keep. An OSError
+    names `path`, since the temporary file's name means nothing to a user.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # not on Windows, where files have no such bits
+                os.fchmod(f.fileno(), 0o666 & ~UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -135,28 +161,121 @@ def exclusive(directory):
             path.unlink(missing_ok=True)  # while still locked: no other run holds this file
 
 
+# What a damaged zip can raise: BadZipFile (bad structure or checksum), NotImplementedError
+# (a flipped bit that asks for an unknown compression), RuntimeError (one that asks for a
+# password), zlib.error (an OSError), ValueError (a bad .npy header), EOFError (cut short).
+UNREADABLE = (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError)
+META = "meta.json"
+META_LIMIT = 64 * files.MiB  # a BPE tokenizer of 50,000 tokens takes about 2 MiB
+MEMBER_FOLDERS = ("params/", "adam_m/", "adam_v/")
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def open_archive(path):
+    """The checkpoint's zip, opened only after checking that it is a regular file holding a zip
+    whose member names are all different (zipfile would silently take the last of two)."""
+    f = files.open_regular(path, CheckpointError, "a checkpoint file (.npz), such as out/ckpt.npz")
+    try:
+        if f.read(len(NPY_MAGIC)) == NPY_MAGIC:
+            raise CheckpointError(f"{path}: a single NumPy array (.npy), not a minillm checkpoint (.npz)")
+        f.seek(0)
+        archive = zipfile.ZipFile(f)
+    except CheckpointError:
+        f.close()
+        raise
+    except UNREADABLE as err:
+        f.close()
+        raise unreadable(path, err) from None
+    names = [info.filename for info in archive.infolist()]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        archive.close()
+        raise CheckpointError(f"{path}: not a valid checkpoint (the member {twice} appears twice)")
+    return archive
+
+
+def unreadable(path, err):
+    # NumPy took any file that is neither .npz nor .npy for a pickle; zipfile says "not a zip file".
+    why = "it is not a NumPy .npz archive" if isinstance(err, zipfile.BadZipFile) and "zip file" in str(err) else err
+    return CheckpointError(f"{path}: not a readable minillm checkpoint ({why})")
+
+
+def read_member(archive, path, name, shape=None, dtype=None, limit=None):
+    """The array stored as NAME.npy, or None when there is none.
+
+    The .npy header (dtype, shape) is read and checked first, against the expected
+    shape and dtype, the `limit` in bytes, and the size the zip declares for the
+    member; only then are the numbers inflated, straight into the array.
+    """
+    try:
+        info = archive.getinfo(name + ".npy")
+    except KeyError:
+        return None
+    try:
+        with archive.open(info) as stream:
+            version = numpy.lib.format.read_magic(stream)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"{name}: .npy format version {version}")
+            header = numpy.lib.format.read_array_header_1_0 if version == (1, 0) else numpy.lib.format.read_array_header_2_0
+            stored_shape, fortran_order, stored_dtype = header(stream)
+            problem = member_problem(stored_shape, stored_dtype, shape, dtype, limit)
+            if problem:
+                raise CheckpointError(f"{path}: {name} {problem}")
+            nbytes = math.prod(stored_shape) * stored_dtype.itemsize
+            if info.file_size != stream.tell() + nbytes:
+                raise ValueError(f"{name}: the zip declares {info.file_size} bytes, the .npy header {stream.tell() + nbytes}")
+            array = numpy.empty(stored_shape, stored_dtype, order="F" if fortran_order else "C")
+            view = memoryview(array.reshape(-1, order="A").view(numpy.uint8)) if nbytes else b""
+            got = 0
+            while got < nbytes:
+                n = stream.readinto(view[got:])
+                if not n:
+                    raise EOFError(f"{name} is cut short")
+                got += n
+            return array
+    except CheckpointError:
+        raise
+    except UNREADABLE as err:
+        raise unreadable(path, err) from None
+
+
+def member_problem(stored_shape, stored_dtype, shape, dtype, limit):
+    """What is wrong with a member's declared shape and dtype, or None."""
+    if stored_dtype.kind not in "fiu" or stored_dtype.fields is not None or stored_dtype.subdtype is not None:
+        return f"is stored as {stored_dtype}, not as numbers"
+    if dtype is not None and stored_dtype != dtype:
+        return f"is stored as {stored_dtype}, where the checkpoint's dtype is {numpy.dtype(dtype)}"
+    if shape is not None and tuple(stored_shape) != tuple(shape):
+        return f"has the shape {tuple(stored_shape)}, where the model's is {tuple(shape)}"
+    if limit is not None and math.prod(stored_shape) * stored_dtype.itemsize > limit:
+        return f"declares {math.prod(stored_shape) * stored_dtype.itemsize:,} bytes, more than the {limit:,} it may have"
+    return None
+
+
+def parse_meta(archive, path):
+    """The checkpoint's meta.json as a dict, checked to be a minillm checkpoint's."""
+    raw = read_member(archive, path, META, dtype=numpy.uint8, limit=META_LIMIT)
+    if raw is None or raw.ndim != 1:
+        raise CheckpointError(f"{path}: not a minillm checkpoint (no valid meta.json)")
+    meta = files.parse_json(files.decode_utf8(raw.tobytes(), f"{path}: meta.json", CheckpointError),
+                            f"{path}: meta.json", CheckpointError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: not a minillm checkpoint (format {found!r})")
+    return meta
+
+
 def read_arrays(path, meta_only=False):
     """All arrays of a checkpoint file as host NumPy arrays (none with meta_only), plus its parsed meta.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with numpy.load(path, allow_pickle=False) as npz:
-            names = [name for name in npz.files if name == "meta.json" or not meta_only]
-            arrays = {name: npz[name] for name in names}
-    # What a damaged zip can raise: BadZipFile (bad structure or checksum), NotImplementedError
-    # (a flipped bit that asks for an unknown compression), RuntimeError (one that asks for a
-    # password), zlib.error (an OSError), ValueError (a bad .npy header), EOFError (cut short).
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as err:
-        # NumPy takes any file that is neither .npz nor .npy for a pickle, which it refuses to open.
-        why = "it is not a NumPy .npz archive" if "pickled" in str(err) else err
-        raise CheckpointError(f"{path}: not a readable minillm checkpoint ({why})") from None
-    try:
-        meta = json.loads(arrays.pop("meta.json").tobytes().decode("utf-8"))
-    except (KeyError, ValueError):
-        raise CheckpointError(f"{path}: not a minillm checkpoint (no valid meta.json)") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a minillm checkpoint (format {meta.get('format')!r})")
+    with open_archive(path) as archive:
+        meta = parse_meta(archive, path)
+        names = [] if meta_only else [
+            info.filename.removesuffix(".npy") for info in archive.infolist() if info.filename != META + ".npy"
+        ]
+        limit = memory.physical_memory()
+        arrays = {name: read_member(archive, path, name, limit=limit) for name in names}
+    if any(array is None for array in arrays.values()):
+        raise CheckpointError(f"{path}: a member is not a .npy array")
     return arrays, meta
 
 
@@ -165,28 +284,89 @@ def read_meta(path):
     return read_arrays(path, meta_only=True)[1]
 
 
-def load(path, device="cpu"):
-    """(model, tokenizer, meta, optimizer_state or None) from a checkpoint file."""
-    arrays, meta = read_arrays(path)
+def model_from_meta(meta, path, device):
+    """(a model of the checkpoint's shape and dtype, its tokenizer), every field of meta.json checked first."""
+    where = f"{path}: meta.json"
     try:
-        config = GPTConfig(**meta["config"])
+        config = meta["config"]
+        if not isinstance(config, dict):
+            raise ConfigError(f"config must be an object, got {config!r}")
+        config = GPTConfig(**config)
+        if meta["dtype"] not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got {meta['dtype']!r}")
         tokenizer = tokenizers.from_dict(meta["tokenizer"])
+        if not tokenizers.fits(tokenizer, config.vocab_size):
+            raise ConfigError(
+                f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}"
+            )
         model = GPT(config, dtype=meta["dtype"], device=device)
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: invalid checkpoint metadata ({err})") from None
-    for name, p in model.params.items():
-        stored = arrays.get(f"params/{name}")
-        if stored is None or stored.shape != p.shape:
-            raise CheckpointError(f"{path}: parameter {name} is missing or has the wrong shape")
-        p[...] = backend.to_device(stored, model.device)
-    optimizer_state = None
-    if "optimizer_step" in meta:
-        names = [name.removeprefix("adam_m/") for name in arrays if name.startswith("adam_m/")]
-        optimizer_state = {
-            "t": meta["optimizer_step"],
-            "m": {name: arrays[f"adam_m/{name}"] for name in names},
-            "v": {name: arrays.get(f"adam_v/{name}") for name in names},
-        }
+    except KeyError as err:
+        raise CheckpointError(f"{where}: the field {err.args[0]!r} is missing") from None
+    except TypeError as err:
+        raise CheckpointError(f"{where}: invalid config ({err})") from None
+    except ValueError as err:  # ConfigError, TokenizerError
+        raise CheckpointError(f"{where}: {err}") from None
+    return model, tokenizer
+
+
+def check_member_names(archive, path, model, has_optimizer):
+    """A name under params/, adam_m/ or adam_v/ that is not one of this model's parameters is damage
+    (a central directory entry that no longer matches its file), not something to skip; members
+    outside those folders are left unread."""
+    names = [info.filename.removesuffix(".npy") for info in archive.infolist()]
+    ours = [name for name in names if name.startswith(MEMBER_FOLDERS)]
+    unknown = [name for name in ours if name.split("/", 1)[1] not in model.params]
+    if unknown:
+        raise CheckpointError(f"{path}: the member {unknown[0]!r} is no parameter of this model")
+    moments = {kind: {name.split("/", 1)[1] for name in ours if name.startswith(kind)} for kind in ("adam_m/", "adam_v/")}
+    if moments["adam_m/"] != moments["adam_v/"] or (moments["adam_m/"] and not has_optimizer):
+        raise CheckpointError(f"{path}: the optimizer moments adam_m and adam_v do not match")
+
+
+def count(meta, name, path):
+    """meta[name], checked to be a whole number of 0 or more."""
+    value = meta[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{path}: meta.json: {name} must be a whole number of 0 or more, got {value!r}")
+    return value
+
+
+def load(path, device="cpu"):
+    """(model, tokenizer, meta, optimizer_state or None) from a checkpoint file.
+
+    Only the members the model needs are read, each checked against the model's
+    shapes and dtype before it is inflated (see read_member).
+    """
+    with open_archive(path) as archive:
+        meta = parse_meta(archive, path)
+        model, tokenizer = model_from_meta(meta, path, device)
+        check_member_names(archive, path, model, "optimizer_step" in meta)
+        for name, p in model.params.items():
+            stored = read_member(archive, path, f"params/{name}", p.shape, model.dtype)
+            if stored is None:
+                raise CheckpointError(f"{path}: parameter {name} is missing")
+            p[...] = backend.to_device(stored, model.device)
+        for name in ("step", "evals_since_best"):
+            if name in meta:
+                count(meta, name, path)
+        optimizer_state = None
+        if "optimizer_step" in meta:
+            count(meta, "optimizer_step", path)
+            names = [
+                info.filename.removeprefix("adam_m/").removesuffix(".npy")
+                for info in archive.infolist() if info.filename.startswith("adam_m/")
+            ]
+            unknown = [name for name in names if name not in model.params]
+            if unknown:
+                raise CheckpointError(f"{path}: optimizer state for {unknown[0]}, which the model does not have")
+            optimizer_state = {"t": meta["optimizer_step"], "m": {}, "v": {}}
+            for name in names:
+                p = model.params[name]
+                for kind in ("m", "v"):
+                    moment = read_member(archive, path, f"adam_{kind}/{name}", p.shape, model.dtype)
+                    if moment is None:
+                        raise CheckpointError(f"{path}: the optimizer moment adam_{kind}/{name} is missing")
+                    optimizer_state[kind][name] = moment
     return model, tokenizer, meta, optimizer_state
 
 

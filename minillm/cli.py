@@ -1,10 +1,124 @@
-"""What the command lines share: an argument parser whose errors are one line."""
+"""What the command lines share: an argument parser whose errors are one line, and `run`, which turns
+every error a command can meet into one line on stderr and an exit status.
+
+Exit statuses, the same in every command for the same kind of error:
+    0    done
+    1    the run failed: data, a checkpoint, a file, the disk, a non-finite loss
+    2    a usage error: an option value, or options that cannot work together (ConfigError, BackendError)
+    130  interrupted by Ctrl-C (128 + SIGINT, as shells report it)
+"""
 
 import argparse
+import os
+import re
+import sys
+
+from minillm import backend, checkpoint, data, hf
+from minillm.launch import INTERRUPTED
+from minillm.model import ConfigError
+from minillm.readback import TrainingError
+from minillm.tokenizers.bpe import TokenizerError
+from minillm.tokenizers.char import UnknownCharactersError
+
+DONE, FAILED, USAGE = 0, 1, 2
+USAGE_ERRORS = (ConfigError, backend.BackendError)
+RUN_ERRORS = (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, TokenizerError,
+              UnknownCharactersError, OSError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, except that a usage error prints one line (not the usage block) and exits with 2."""
+    """argparse, except that a usage error prints one line (not the usage block) and exits with 2,
+    and that -inf, -1e5 or -nan are read as (negative) numbers, not as unknown options."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes only -1 and -1.5 for numbers; every other value starting with "-" would be
+        # reported as a missing argument ("expected one argument") instead of a value out of range.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+
+class NamedOutput:
+    """sys.stdout, whose write errors carry the name "standard output": a full disk or a closed pipe
+    raises an OSError with no file name, which would leave the one-line error without a where."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise type(err)(err.errno, err.strerror, "standard output") from None
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise type(err)(err.errno, err.strerror, "standard output") from None
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def run(prog, body, debug=False):
+    """body()'s exit status (None is 0); any error it raises is one line on stderr and its status.
+
+    With `debug`, an error is raised instead, for its traceback.
+    """
+    stdout = sys.stdout
+    sys.stdout = NamedOutput(stdout)
+    try:
+        status = body()
+        sys.stdout.flush()
+        return status or DONE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # The reader (e.g. `head`) has gone: stop quietly, and point stdout at /dev/null so that
+        # the flush at exit does not fail a second time.
+        quiet_stdout()
+        return FAILED
+    except USAGE_ERRORS as err:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return USAGE
+    except RUN_ERRORS as err:
+        if debug:
+            raise
+        if isinstance(err, OSError):
+            if err.filename == "standard output":
+                quiet_stdout()
+            err = oserror_text(err)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return FAILED
+    finally:
+        sys.stdout = stdout
+
+
+# Characters at which a terminal or str.splitlines starts a new line.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(message):
+    """The message with any line break in it (from a file name or a value quoted as is) escaped."""
+    return "".join(repr(char)[1:-1] if char in LINE_BREAKS else char for char in str(message))
+
+
+def oserror_text(err):
+    """An OSError as "PATH: reason" (the reason without its errno number)."""
+    where = f"{err.filename}: " if err.filename is not None else ""
+    return f"{where}{err.strerror or err}"
+
+
+def quiet_stdout():
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy
 
+from minillm import files
 from minillm.checkpoint import atomic_write
 
 TOKEN_FILES = ("train.bin", "val.bin")  # what prepare_splits writes into the out dir
@@ -31,19 +32,23 @@ def builtin_corpus():
 
 
 def read_text(path):
-    """A UTF-8 text file, or a folder of .txt files (sorted by name, joined by newlines)."""
+    """A UTF-8 text file, or a folder of .txt files (sorted by name, joined by newlines).
+
+    Only regular files are read (see files.open_regular): a FIFO or a device named
+    as the corpus, or as a .txt file in the folder, is an error, not a wait or an
+    endless read.
+    """
     path = Path(path)
+    expected = "a UTF-8 text file or a folder of .txt files (--data PATH)"
     if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
+        text_files = sorted(path.glob("*.txt"))
+        if not text_files:
             raise DataError(f"{path}: the folder has no .txt files; point --data at a text file or a folder of .txt files")
-    elif path.is_file():
-        files = [path]
     else:
-        raise DataError(f"{path}: no such file or folder; pass --data PATH to a UTF-8 text file")
+        text_files = [path]
     parts = []
-    for file in files:
-        raw = file.read_bytes()
+    for file in text_files:
+        raw = files.read_regular(file, DataError, expected)
         try:
             parts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as err:

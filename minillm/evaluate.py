@@ -57,24 +57,24 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    return cli.run("evaluate", lambda: report(args))
+
+
+def report(args):
+    """Load the model and the pairs, and print the exact-match accuracy and the first mistakes."""
+    model, tokenizer, _, _ = checkpoint.load(args.ckpt, device=backend.resolve_device(args.device))
+    model = model.merged().eval()  # LoRA adapters merged: the same logits, no adapter work at each token
+    if args.task:
+        pairs, described = tasks.examples(args.task, "test"), f"held-out {args.task} problems"
+    else:
+        pairs, described = [(p, c) for _, p, c in sft.read_jsonl(args.data)], args.data
     try:
-        model, tokenizer, _, _ = checkpoint.load(args.ckpt, device=backend.resolve_device(args.device))
-        model = model.merged().eval()  # LoRA adapters merged: the same logits, no adapter work at each token
-        if args.task:
-            pairs, described = tasks.examples(args.task, "test"), f"held-out {args.task} problems"
-        else:
-            pairs, described = [(p, c) for _, p, c in sft.read_jsonl(args.data)], args.data
         right, wrong = exact_match(model, tokenizer, pairs)
-    except (checkpoint.CheckpointError, backend.BackendError, sft.SFTError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
     except UnknownCharactersError as err:
-        print(f"evaluate: error: cannot encode a prompt: {err}", file=sys.stderr)
-        return 1
+        raise UnknownCharactersError(f"cannot encode a prompt: {err}") from None
     print(f"exact match: {right:,} / {len(pairs):,} = {100 * right / len(pairs):.1f}% ({described})")
     for prompt, completion, answer in wrong[:SHOWN_MISTAKES]:
         print(f"  {prompt!r}: expected {completion!r}, got {answer!r}")
-    return 0
 
 
 if __name__ == "__main__":

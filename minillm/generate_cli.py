@@ -5,11 +5,13 @@ import re
 import sys
 from pathlib import Path
 
-from minillm import backend, checkpoint, cli, hf
+from minillm import backend, checkpoint, cli, files, memory
+from minillm.model import ConfigError
 from minillm.sampling import encode_prompt, option_problem, stream
 from minillm.tokenizers.char import UnknownCharactersError
 
 SEPARATOR = "-" * 40
+PROMPT_LIMIT = 16 * files.MiB  # far beyond any context; a longer "prompt" is the wrong file
 
 
 class SampleText:
@@ -113,28 +115,41 @@ def parse_args(argv=None):
         parser.error(f"--{name.replace('_', '-')} {what}")
     if "" in args.stop:
         parser.error("--stop must not be empty")
+    for name in ("ckpt", "out_dir", "init_from", "prompt_file"):
+        if getattr(args, name) == "":
+            parser.error(f"--{name.replace('_', '-')} is empty: give a path, or leave the option out")
     flag = "--prompt" if args.prompt_file is None else "--prompt-file"
     try:
         args.prompt = read_prompt(args)
+    except ConfigError as err:
+        parser.error(str(err))
     except OSError as err:
-        parser.error(f"{flag} {args.prompt_file}: {err.strerror or err}")
-    except UnicodeDecodeError as err:
-        parser.error(f"{flag}: the prompt is not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})")
+        parser.error(f"{flag}: cannot read standard input ({err.strerror or err})")
     return args
 
 
 def read_prompt(args):
     """The prompt text from --prompt, --prompt-file, or standard input (either one given as -).
 
-    One final newline of a file or of standard input is dropped: `echo` and text
-    editors add it, and the model would otherwise continue after a line break.
+    A --prompt is checked to be text: the shell passes bytes that are not UTF-8 on as lone
+    surrogates, which no tokenizer can encode. One final newline of a file or of
+    standard input is dropped: `echo` and text editors add it, and the model would
+    otherwise continue after a line break.
     """
     if args.prompt_file is None and args.prompt != "-":
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            files.decode_utf8(os.fsencode(args.prompt), "--prompt", ConfigError)
+            raise ConfigError("--prompt: not UTF-8 text") from None  # text no shell passes
         return args.prompt
     if args.prompt_file in (None, "-"):
-        text = sys.stdin.buffer.read().decode("utf-8")
+        raw = sys.stdin.buffer.read(PROMPT_LIMIT + 1)
+        if len(raw) > PROMPT_LIMIT:
+            raise ConfigError(f"standard input: more than the {PROMPT_LIMIT:,} bytes a prompt may have")
+        text = files.decode_utf8(raw, "standard input", ConfigError)
     else:
-        text = Path(args.prompt_file).read_text(encoding="utf-8")
+        text = files.read_small_text(args.prompt_file, ConfigError, PROMPT_LIMIT, "a UTF-8 prompt file (--prompt-file)")
     return text.removesuffix("\n")
 
 
@@ -145,35 +160,36 @@ def unescape(text):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        model, tokenizer = load_model(args)
-        model.reference = args.reference
-    except (checkpoint.CheckpointError, backend.BackendError, hf.PretrainedError) as err:
-        return fail(err, args.debug)
+    return cli.run("generate.py", lambda: sample(args), args.debug)
+
+
+def sample(args):
+    """Load the model, encode the prompt, print the samples."""
+    model, tokenizer = load_model(args)
+    model.reference = args.reference
     try:
         prompt_ids = encode_prompt(tokenizer, args.prompt)
     except UnknownCharactersError as err:
-        return fail(
+        raise UnknownCharactersError(
             f"cannot encode the prompt: {err}; a character-level model knows only the characters of its "
-            "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text",
-            args.debug,
-        )
+            "training text: leave them out, or use a model with a BPE tokenizer, which encodes any text"
+        ) from None
+    check_memory(model, len(prompt_ids), args.num_samples)
     if backend.auto_missed_a_gpu(args.device, model.device):
         print("generate.py: note: CuPy is installed but sees no CUDA GPU; sampling on the CPU", file=sys.stderr)
     if len(prompt_ids) > model.config.block_size:
         print(f"generate.py: note: the prompt has {len(prompt_ids)} tokens; the model sees only the last "
               f"{model.config.block_size} (its context)", file=sys.stderr)
-    try:
-        print_samples(model, tokenizer, prompt_ids, args)
-    except BrokenPipeError:
-        # The reader (e.g. `head`) has gone. Point stdout at /dev/null so that the flush at
-        # exit does not fail a second time, and stop quietly.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    print_samples(model, tokenizer, prompt_ids, args)
+
+
+def check_memory(model, prompt_length, num_samples):
+    """ConfigError, before sampling, when the batch of samples cannot fit: its KV cache, the prompt's pass."""
+    itemsize, config = model.dtype.itemsize, model.config
+    need = memory.kv_cache_bytes(config, num_samples, itemsize) + memory.forward_bytes(
+        config, num_samples, min(prompt_length, config.block_size), itemsize
+    )
+    memory.check_fits(need, f"--num-samples {num_samples} (sampled as one batch)", "ask for fewer samples")
 
 
 def print_samples(model, tokenizer, prompt_ids, args):
@@ -201,7 +217,7 @@ def load_model(args):
     if args.init_from:
         return checkpoint.load_pretrained(args.init_from, device=device)
     ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
-    if not ckpt.is_file():
+    if not ckpt.exists() and not ckpt.is_symlink():
         raise checkpoint.CheckpointError(
             f"{ckpt}: no such checkpoint file; train one with `python train.py`, "
             "or pass --ckpt PATH, --out-dir DIR or --init-from GPT2_DIR"
@@ -209,11 +225,3 @@ def load_model(args):
     model, tokenizer, _, _ = checkpoint.load(ckpt, device=device)
     # Merged adapters give the same logits, without forming the adapted weights at every token.
     return model.merged(), tokenizer
-
-
-def fail(message, debug):
-    """Print the one-line error (or, with --debug, raise the exception being handled) and return 1."""
-    if debug:
-        raise
-    print(f"generate.py: error: {message}", file=sys.stderr)
-    return 1

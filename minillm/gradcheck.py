@@ -25,12 +25,12 @@ It builds a tiny float64 model with random weights, prints the error of every
 parameter, and exits with status 1 if any exceeds the tolerance.
 """
 
-import argparse
+import math
 import sys
 
 import numpy
 
-from minillm import backend
+from minillm import backend, cli
 from minillm.model import GPT, GPTConfig
 
 TOLERANCE = 1e-6
@@ -101,40 +101,74 @@ def model_gradient_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERAN
     With dropout, the generator is reseeded before every forward pass, so all the
     perturbed passes draw the same masks as the analytic one.
     """
+    return model_gradients_and_errors(model, idx, targets, dropout_seed, tolerance)[1]
+
+
+def model_gradients_and_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERANCE):
+    """(the analytic gradients, {name: relative error}) of model_gradient_errors."""
     def loss():
         model.rng = backend.RNG(dropout_seed, model.device)
         return model(idx, targets)[1]
 
     loss()
     analytic = model.backward()
-    return {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in model.trainable_params().items()}
+    trainable = model.trainable_params()
+    return analytic, {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in trainable.items()}
+
+
+def build_parser():
+    parser = cli.ArgumentParser(
+        prog="python -m minillm.gradcheck",
+        description="Check the model's analytic gradients against central finite differences, in float64, on a "
+        "tiny model with random weights and one random batch. Prints every parameter's error and exits with "
+        "status 1 if any is above the tolerance, or if a gradient is zero in both (nothing was checked).",
+    )
+    parser.add_argument("--vocab-size", type=int, default=11, metavar="N", help="vocabulary size (default: 11)")
+    parser.add_argument("--block-size", type=int, default=6, metavar="T",
+                        help="context length, and the length of the batch's sequences (default: 6)")
+    parser.add_argument("--n-layer", type=int, default=2, metavar="N", help="transformer blocks (default: 2)")
+    parser.add_argument("--n-head", type=int, default=2, metavar="N",
+                        help="attention heads, must divide --n-embd (default: 2)")
+    parser.add_argument("--n-embd", type=int, default=8, metavar="C", help="embedding width (default: 8)")
+    parser.add_argument("--batch-size", type=int, default=2, metavar="B", help="sequences in the batch (default: 2)")
+    parser.add_argument("--dropout", type=float, default=0.1, metavar="P",
+                        help="dropout probability in [0, 1); the same masks in every perturbed pass (default: 0.1)")
+    parser.add_argument("--no-bias", action="store_true", help="check the bias-free variant")
+    parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                        help="check LoRA adapters of this rank (only they are checked, as only they train; default: 0, none)")
+    parser.add_argument("--lora-targets", default="attn,mlp",
+                        help="the projections with adapters: attn, mlp or attn,mlp (default: attn,mlp)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the weights, the batch and the dropout masks (default: 0)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="TOL",
+                        help=f"largest relative error that passes, positive and finite (default: {TOLERANCE:g})")
+    parser.add_argument("--device", default="cpu", choices=backend.DEVICES, help="cpu, cuda or auto (default: cpu)")
+    parser.add_argument("--reference", action="store_true",
+                        help="check the model on the reference layers (minillm.layers) instead of the fast ones")
+    return parser
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="python -m minillm.gradcheck",
-        description="Check the model's analytic gradients against central finite differences (float64).",
-    )
-    parser.add_argument("--vocab-size", type=int, default=11)
-    parser.add_argument("--block-size", type=int, default=6)
-    parser.add_argument("--n-layer", type=int, default=2)
-    parser.add_argument("--n-head", type=int, default=2)
-    parser.add_argument("--n-embd", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--no-bias", action="store_true", help="check the bias-free variant")
-    parser.add_argument("--lora-rank", type=int, default=0, help="check LoRA adapters of this rank instead")
-    parser.add_argument("--lora-targets", default="attn,mlp", help="the projections with adapters")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
-    parser.add_argument("--device", default="cpu", choices=backend.DEVICES)
-    parser.add_argument("--reference", action="store_true",
-                        help="check the model on the reference layers (minillm.layers) instead of the fast ones")
-    return parser.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.lora_rank < 0 or args.seed < 0:
+        name = "lora_rank" if args.lora_rank < 0 else "seed"
+        parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 < args.tolerance < math.inf:
+        parser.error(f"--tolerance must be positive and finite, got {args.tolerance}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    return cli.run("python -m minillm.gradcheck", lambda: check(args))
+
+
+def check(args):
+    """Build the model and batch the options describe, print each parameter's error; 1 if any fails."""
     config = GPTConfig(
         vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
@@ -147,17 +181,30 @@ def main(argv=None):
     shape = (args.batch_size, args.block_size)
     idx = rng.integers(0, args.vocab_size, size=shape)
     targets = rng.integers(0, args.vocab_size, size=shape)
+    print(
+        f"model: n_layer {config.n_layer}, n_head {config.n_head}, n_embd {config.n_embd}, vocab_size "
+        f"{config.vocab_size}, block_size {config.block_size}, dropout {config.dropout}, "
+        + ("no biases" if args.no_bias else "biases")
+        + (f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else "")
+        + f"; {'reference' if args.reference else 'fast'} layers, float64, on {model.device}; "
+        f"batch {args.batch_size} x {args.block_size} tokens, seed {args.seed}\n"
+    )
 
-    errors = model_gradient_errors(model, idx, targets, dropout_seed=args.seed, tolerance=args.tolerance)
+    analytic, errors = model_gradients_and_errors(model, idx, targets, dropout_seed=args.seed, tolerance=args.tolerance)
+    # A gradient that is zero in both readings compares nothing: it is reported, and it fails.
+    unchecked = {name for name, g in analytic.items() if not numpy.any(backend.to_host(g))}
     width = max(len(name) for name in errors)
     print(f"{'parameter':<{width}}  {'shape':>10}  {'max rel. error':>14}")
     for name, error in errors.items():
         shape_text = "x".join(map(str, model.params[name].shape))
-        flag = "" if error <= args.tolerance else "  FAIL"
+        flag = "  UNCHECKED (gradient 0)" if name in unchecked else "" if error <= args.tolerance else "  FAIL"
         print(f"{name:<{width}}  {shape_text:>10}  {error:14.3e}{flag}")
-    worst = max(errors.values())
-    failed = sum(error > args.tolerance for error in errors.values())
-    print(f"\nworst {worst:.3e}; tolerance {args.tolerance:.0e}; {len(errors) - failed} passed, {failed} failed")
+    # Written so that a NaN error fails: NaN <= tolerance is false.
+    passed = sum(error <= args.tolerance and name not in unchecked for name, error in errors.items())
+    failed = len(errors) - passed
+    worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
+    print(f"\nworst {worst:.3e}; tolerance {args.tolerance:.0e}; {passed} passed, {failed} failed"
+          + (f" ({len(unchecked)} unchecked)" if unchecked else ""))
     return 1 if failed else 0
 
 

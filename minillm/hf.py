@@ -31,7 +31,7 @@ import numpy
 import safetensors
 import safetensors.numpy
 
-from minillm import backend
+from minillm import backend, files
 from minillm.layers import layernorm
 from minillm.model import GPT, ConfigError, GPTConfig, parameter_shapes
 from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
@@ -41,6 +41,7 @@ MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 REQUIRED_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 # GPT-2's tanh approximation of GELU (layers/gelu.py); transformers has it under both names.
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+CONFIG_LIMIT = files.MiB
 READABLE_DTYPES = ("F16", "F32", "F64")  # what NumPy can hold and minillm can compute in (after a cast)
 
 
@@ -113,15 +114,19 @@ def config_from_hf(hf_config, where="config.json"):
         raise PretrainedError(
             f"{where}: missing key {missing[0]!r}; a GPT-2 config.json has {', '.join(REQUIRED_CONFIG_KEYS)}"
         )
+    for key in REQUIRED_CONFIG_KEYS:
+        value = hf_config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PretrainedError(f"{where}: {key} must be a positive integer, got {value!r}")
     get = hf_config.get
     n_embd = hf_config["n_embd"]
     refusals = [
         (get("model_type", "gpt2") != "gpt2", f"model_type is {get('model_type')!r}; only gpt2 models can be read"),
         (get("layer_norm_epsilon", layernorm.EPS) != layernorm.EPS,
-         f"layer_norm_epsilon is {get('layer_norm_epsilon')}; minillm's LayerNorm uses GPT-2's {layernorm.EPS}"),
+         f"layer_norm_epsilon is {get('layer_norm_epsilon')!r}; minillm's LayerNorm uses GPT-2's {layernorm.EPS}"),
         (get("activation_function", "gelu_new") not in GELU_TANH,
          f"activation_function is {get('activation_function')!r}; minillm has GPT-2's gelu_new"),
-        (get("n_inner") not in (None, 4 * n_embd), f"n_inner is {get('n_inner')}; minillm's MLP is 4 * n_embd wide"),
+        (get("n_inner") not in (None, 4 * n_embd), f"n_inner is {get('n_inner')!r}; minillm's MLP is 4 * n_embd wide"),
         (not get("scale_attn_weights", True), "scale_attn_weights is false; minillm scales attention by 1/sqrt(head size)"),
         (get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is true; minillm does not"),
         (get("add_cross_attention", False), "add_cross_attention is true; minillm has no cross-attention"),
@@ -168,12 +173,8 @@ def config_to_hf(config, dtype_name, eot_id=None):
 
 
 def read_config(path):
-    try:
-        return config_from_hf(json.loads(path.read_text(encoding="utf-8")), path)
-    except FileNotFoundError:
-        raise PretrainedError(f"{path}: no such file; a GPT-2 directory has config.json and model.safetensors") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PretrainedError(f"{path}: not a readable JSON file ({err})") from None
+    text = files.read_small_text(path, PretrainedError, CONFIG_LIMIT, "a GPT-2 directory's config.json")
+    return config_from_hf(files.parse_json(text, path, PretrainedError), path)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -195,7 +196,10 @@ def from_pretrained(path, dtype="float32", device="cpu"):
     config = read_config(directory / "config.json")
     weights = weights_file(directory)
     tokenizer = read_tokenizer(directory, config)
-    model = GPT(config, dtype=dtype, device=device)
+    try:
+        model = GPT(config, dtype=dtype, device=device)
+    except ConfigError as err:
+        raise PretrainedError(f"{directory / 'config.json'}: {err}") from None
     read_weights(weights, model)
     return model.eval(), tokenizer
 
@@ -203,7 +207,8 @@ def from_pretrained(path, dtype="float32", device="cpu"):
 def weights_file(directory):
     """directory/model.safetensors, or a clear refusal of what is there instead."""
     path = directory / "model.safetensors"
-    if path.is_file():
+    if path.exists() or path.is_symlink():
+        files.open_regular(path, PretrainedError, "GPT-2's model.safetensors").close()
         return path
     if (directory / "model.safetensors.index.json").is_file():
         raise PretrainedError(
@@ -287,7 +292,8 @@ def unreadable(path, err):
 
 def read_tokenizer(directory, config):
     """The BPE tokenizer of a GPT-2 directory, or None when it has neither vocab.json nor merges.txt."""
-    present = [name for name in ("vocab.json", "merges.txt") if (directory / name).is_file()]
+    # Anything by these names counts as present: a FIFO or a folder is then refused by name when read.
+    present = [name for name in ("vocab.json", "merges.txt") if (directory / name).exists() or (directory / name).is_symlink()]
     if not present:
         return None
     if len(present) == 1:

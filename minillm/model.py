@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 
 import minillm.fast
 import minillm.layers
-from minillm import backend, finetune
+from minillm import backend, finetune, memory
 from minillm.finetune import LORA_TARGETS
 from minillm.layers import cross_entropy, embedding
 
@@ -64,17 +64,25 @@ class GPTConfig:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be 0 (no adapters) or a positive integer, got {self.lora_rank!r}")
-        if not self.lora_alpha > 0:
-            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        for name in ("dropout", "lora_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
+        if not isinstance(self.lora_targets, str):
+            raise ConfigError(f"lora_targets must be a string such as 'attn', got {self.lora_targets!r}")
         parts = self.lora_targets.split(",")
         if not parts or any(part not in LORA_TARGETS for part in parts) or len(set(parts)) < len(parts):
             raise ConfigError(
                 f"lora_targets must be {' or '.join(LORA_TARGETS)} or both, comma-separated, got {self.lora_targets!r}"
             )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.lora_alpha < math.inf:
+            raise ConfigError(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -107,6 +115,23 @@ def parameter_shapes(config):
     return shapes | finetune.adapter_shapes(config, shapes)
 
 
+def parameter_count(config):
+    """The number of parameters, from the shapes of a one- and a two-block model (no loop over n_layer)."""
+    count = lambda n_layer: sum(math.prod(shape) for shape in parameter_shapes(replace(config, n_layer=n_layer)).values())
+    one = count(1)
+    return one + (config.n_layer - 1) * (count(2) - one)
+
+
+def check_parameters_fit(config, itemsize):
+    """ConfigError, before any allocation, when the parameters alone exceed the machine's memory."""
+    memory.check_fits(
+        parameter_count(config) * itemsize,
+        f"a model of {config.n_layer} blocks of width {config.n_embd}, vocabulary {config.vocab_size}, "
+        f"context {config.block_size}" + (f", LoRA rank {config.lora_rank}" if config.lora_rank else ""),
+        "choose a smaller model",
+    )
+
+
 def init_params(config, rng, dtype, names=None):
     """GPT-2 initialisation: weights ~ N(0, 0.02^2), biases 0, LayerNorm gains 1.
 
@@ -117,6 +142,7 @@ def init_params(config, rng, dtype, names=None):
     so the adapted weight starts equal to the pretrained one.
     `names` limits the initialisation to those parameters (default: all of them).
     """
+    check_parameters_fit(config, backend.dtype_of(dtype).itemsize)
     xp = rng.xp
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     params = {}

@@ -26,6 +26,10 @@ import numpy
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
 
+# More threads than this is a typo rather than a machine; each thread holds a replica's caches.
+MAX_THREADS = 1024
+
+
 def usable_cores():
     """CPU cores this process may run on."""
     try:

@@ -36,8 +36,11 @@ class Progress:
             print(text, flush=True)
 
     def record(self, entry):
-        self.log.write(json.dumps(entry) + "\n")
-        self.log.flush()
+        try:
+            self.log.write(json.dumps(entry) + "\n")
+            self.log.flush()
+        except OSError as err:  # a full disk: the error names the log, not just the errno
+            raise OSError(err.errno, err.strerror, str(self.log_path)) from None
 
     def report(self, entry):
         """A progress line: the log, and the bar's figures or a printed line."""

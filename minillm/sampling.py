@@ -21,8 +21,8 @@ from minillm.tokenizers.char import UnknownCharactersError
 
 def option_problem(temperature, top_k, top_p):
     """(option name, what is wrong) for the first sampling option out of range, or None."""
-    if not temperature >= 0:  # written so that NaN fails too
-        return "temperature", f"must be 0 or more, got {temperature}"
+    if not 0 <= temperature < math.inf:  # written so that NaN fails too
+        return "temperature", f"must be 0 or more (and finite), got {temperature}"
     if top_k is not None and top_k < 1:
         return "top_k", f"must be at least 1, got {top_k}"
     if top_p is not None and not 0 < top_p <= 1:
@@ -68,11 +68,15 @@ def keep_top_p(logits, p):
 def sample_next(logits, temperature, top_k, top_p, rng):
     """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
     xp = backend.get_array_module(logits)
-    if temperature == 0:
+    # Below the dtype's smallest normal number, dividing by the temperature would give 0 / 0 for the
+    # largest logit: such a temperature is greedy sampling in all but name.
+    limits = xp.finfo(logits.dtype)
+    if temperature < float(limits.tiny):
         return logits.argmax(axis=-1)
     # Shifting the largest logit to 0 first: a tiny temperature then sends the others
     # toward -inf (greedy in the limit) instead of overflowing the largest to +inf.
-    logits = (logits - logits.max(axis=-1, keepdims=True)) / float(temperature)
+    # A temperature beyond the dtype's range would overflow in the cast: the limit, a uniform draw, is the same.
+    logits = (logits - logits.max(axis=-1, keepdims=True)) / min(float(temperature), float(limits.max))
     if top_k is not None:
         logits = keep_top_k(logits, top_k)
     if top_p is not None and top_p < 1:

@@ -16,12 +16,11 @@ another example, and the padding comes after a row's last token, where causal
 attention keeps it out of every real position.
 """
 
-import json
 from pathlib import Path
 
 import numpy
 
-from minillm import tasks
+from minillm import files, tasks
 from minillm.data import DataError
 from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.tokenizers.char import UnknownCharactersError
@@ -34,21 +33,14 @@ class SFTError(DataError):
 def read_jsonl(path):
     """[(line number, prompt, completion)] from a JSONL file; a bad line is an error naming it."""
     path = Path(path)
-    try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except OSError as err:
-        raise SFTError(f"{path}: {err.strerror or err}; --sft takes a JSONL file or the name of a built-in task "
-                       f"({', '.join(tasks.TASKS)})") from None
-    except UnicodeDecodeError as err:
-        raise SFTError(f"{path}: not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    hint = f"--sft takes a JSONL file or the name of a built-in task ({', '.join(tasks.TASKS)})"
+    raw = files.read_regular(path, SFTError, f"a JSONL file; {hint}")
+    lines = files.lines_of(files.decode_utf8(raw, path, SFTError))
     examples = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SFTError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        record = files.parse_json(line, f"{path} line {number}", SFTError)
         if not isinstance(record, dict):
             raise SFTError(f"{path} line {number}: expected an object with \"prompt\" and \"completion\"")
         for field in ("prompt", "completion"):

@@ -7,16 +7,12 @@ flags given explicitly change (for example --max-iters to train longer).
 """
 
 import argparse
-import json
-import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minillm import backend, checkpoint, cli, data, hf
+from minillm import backend, checkpoint, cli, data, files
 from minillm.model import ConfigError
-from minillm.readback import TrainingError
-from minillm.tokenizers.char import UnknownCharactersError
-from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, train
+from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, field_problem, flag, train
 
 HELP = {
     "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",
@@ -93,68 +89,86 @@ def build_parser():
     return parser
 
 
+CONFIG_LIMIT = files.MiB  # a config file is a few hundred bytes
+STRING_OPTIONS = ("data", "dataset", "sft", "out_dir", "init_from", "lora_targets", "device", "dtype")
+
+
 def read_config_file(path):
     """Options from a .toml or .json file, keyed like the flags (dashes or underscores)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"--config {path}: {err.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib  # Python 3.11+
+    where = f"--config {path}"
+    raw = files.read_small(path, ConfigError, CONFIG_LIMIT, "a TOML or JSON file of options (--config)")
+    text = files.decode_utf8(raw, where, ConfigError)
+    if Path(path).suffix == ".toml":
+        import tomllib  # Python 3.11+
 
-            values = tomllib.loads(raw.decode("utf-8"))
-        else:
-            values = json.loads(raw)
-    except ImportError:
-        raise ConfigError(f"--config {path}: TOML needs Python 3.11 or newer; use a .json file") from None
-    except ValueError as err:
-        raise ConfigError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{where}: not valid TOML ({err})") from None
+        except RecursionError:
+            raise ConfigError(f"{where}: the TOML is nested too deeply to read") from None
+    else:
+        values = files.parse_json(text, where, ConfigError)
+    return checked_options(values, where)
+
+
+def checked_options(values, where):
+    """{option name: value} from a table keyed like the flags, every key known and every value of its type."""
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a table of options")
-    known = {f.name: f.type for f in fields(TrainConfig)}
+        raise ConfigError(f"{where}: expected a table of options, got {type(values).__name__}")
     options = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"--config {path}: unknown option {key!r}")
-        if not isinstance(value, known[name]) and not (known[name] is float and isinstance(value, int)):
-            raise ConfigError(f"--config {path}: {key} should be a {known[name].__name__}, got {value!r}")
-        options[name] = known[name](value)
+        problem = field_problem(name, value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        options[name] = value
     return options
+
+
+def saved_options(out_dir):
+    """The options of the run saved in OUT_DIR/last.npz, each checked."""
+    path = Path(out_dir) / LAST_CHECKPOINT
+    saved = checkpoint.read_meta(path).get("train_config")
+    if not isinstance(saved, dict):
+        raise checkpoint.CheckpointError(f"{path}: meta.json has no train_config table; it is not a training run's last.npz")
+    try:
+        return checked_options(saved, f"{path}: train_config")
+    except ConfigError as err:
+        raise checkpoint.CheckpointError(str(err)) from None
 
 
 def resolve_config(args):
     """The TrainConfig from defaults, preset, config file and flags (see the module docstring)."""
     explicit = {k: v for k, v in vars(args).items() if k not in ("preset", "config", "debug")}
+    from_file = read_config_file(args.config) if "config" in args else {}
+    given = from_file | explicit
+    for name in STRING_OPTIONS:
+        if given.get(name, None) == "":
+            raise ConfigError(f"{flag(name)} is empty: give a value, or leave the option out for its default")
     values = asdict(TrainConfig())
-    if explicit.get("resume"):
-        out_dir = Path(explicit.get("out_dir", values["out_dir"]))
-        values.update(checkpoint.read_meta(out_dir / LAST_CHECKPOINT)["train_config"])
-        values["overwrite"] = False  # a run started with --overwrite resumes as itself
+    saved = {}
+    if given.get("resume"):
+        saved = saved_options(given.get("out_dir", values["out_dir"]))
+        values.update(saved, overwrite=False)  # a run started with --overwrite resumes as itself
+        if "init_from" in given and given["init_from"] != saved.get("init_from", ""):
+            raise ConfigError(
+                "--resume continues the run in the out dir, with its own weights, so --init-from would be "
+                "ignored: give one of them"
+            )
     if "preset" in args:
         values.update(PRESETS[args.preset])
-    if "config" in args:
-        values.update(read_config_file(args.config))
-    values.update(explicit)
-    return TrainConfig(**values)
+    values.update(given)
+    cfg = TrainConfig(**values)
+    if not cfg.lora_rank:
+        stray = [name for name in ("lora_alpha", "lora_targets") if name in given]
+        if stray:
+            raise ConfigError(f"{flag(stray[0])} sets up LoRA adapters: give --lora-rank too")
+    return cfg
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
-    try:
-        train(resolve_config(args))
-    except (ConfigError, backend.BackendError) as err:
-        if debug:
-            raise
-        parser.exit(2, f"train.py: error: {err}\n")
-    except (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, OSError,
-            UnknownCharactersError) as err:
-        if debug:
-            raise
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    body = lambda: cli.DONE if train(resolve_config(args)) is not None else cli.INTERRUPTED
+    return cli.run("train.py", body, getattr(args, "debug", False))

@@ -32,16 +32,17 @@ The out dir holds:
 """
 
 import contextlib
+import json
 import math
 import signal
 import textwrap
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy
 
-from minillm import backend, checkpoint, data, evaluate, parallel, sft
+from minillm import backend, checkpoint, data, evaluate, memory, parallel, sft
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
@@ -146,6 +147,8 @@ class TrainConfig:
     reference: bool = False  # run on the reference layers (minillm.layers) instead of the fast ones
 
 
+TRAIN_FIELDS = {field.name: field.type for field in fields(TrainConfig)}
+
 PRESETS = {
     # nanoGPT's CPU-sized character model: a few minutes on a laptop.
     "baby": {},
@@ -167,12 +170,50 @@ def stream_seed(seed, stream, *keys):
     return int(numpy.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0])
 
 
+def flag(name):
+    """An option's name as its command-line flag: lr_decay_iters -> --lr-decay-iters."""
+    return "--" + name.replace("_", "-")
+
+
+def field_problem(name, value):
+    """What is wrong with the type of a TrainConfig value (from a flag, a config file or a saved run), or None.
+
+    A bool is not a number here (JSON's true would otherwise train with lr 1.0), and an
+    integer is a float's valid value.
+    """
+    kind = TRAIN_FIELDS.get(name)
+    if kind is None:
+        return f"unknown option {name!r}"
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    return None if ok else f"{flag(name)} must be {TYPE_WORDS[kind]}, got {shown(value)}"
+
+
+def shown(value):
+    """A value as the JSON or TOML it came from would write it (true, not True), cut short when long."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
 def validate(cfg):
     """Raise ConfigError naming the first option (as its flag) whose value cannot work.
 
     The comparisons are written so that NaN fails them too.
     """
-    flag = lambda name: "--" + name.replace("_", "-")
+    for name in TRAIN_FIELDS:
+        problem = field_problem(name, getattr(cfg, name))
+        if problem:
+            raise ConfigError(problem)
     positive = (
         "n_layer", "n_head", "n_embd", "block_size",
         "batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval",
@@ -191,6 +232,8 @@ def validate(cfg):
         raise ConfigError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     if not 0 < cfg.lr < math.inf:
         raise ConfigError(f"--lr must be positive and finite, got {cfg.lr}")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the floor of the decay must not exceed its peak")
     if not 0 < cfg.lora_alpha < math.inf:
         raise ConfigError(f"--lora-alpha must be positive and finite, got {cfg.lora_alpha}")
     for name in ("beta1", "beta2", "dropout"):
@@ -198,17 +241,46 @@ def validate(cfg):
             raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in --out-dir and --overwrite deletes it: give one of them")
+    if cfg.threads > parallel.MAX_THREADS:
+        raise ConfigError(f"--threads must be at most {parallel.MAX_THREADS}, got {cfg.threads} (0: one per core)")
+    if not cfg.out_dir:
+        raise ConfigError("--out-dir is empty: name a folder (default: out)")
     if sum(map(bool, (cfg.data, cfg.dataset, cfg.sft))) > 1:
         raise ConfigError("--data, --dataset and --sft name different training data: give one of them")
     fine_tuning = ("extend_vocab", "freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")
     for name in fine_tuning:
         if getattr(cfg, name) and not cfg.init_from:
-            raise ConfigError(f"--{name.replace('_', '-')} fine-tunes a pretrained model: give --init-from too")
+            raise ConfigError(f"{flag(name)} fine-tunes a pretrained model: give --init-from too")
     if cfg.extend_vocab and (cfg.freeze_embeddings or cfg.lora_rank):
         raise ConfigError("--extend-vocab adds embedding rows that must train: leave out --freeze-embeddings and --lora-rank")
     if cfg.merge_lora and not cfg.lora_rank:
         raise ConfigError("--merge-lora merges LoRA adapters: give --lora-rank too")
+    try:
+        GPTConfig(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1, lora_targets=cfg.lora_targets)
+    except ConfigError as err:
+        raise ConfigError(f"--lora-targets: {err}") from None
     backend.dtype_of(cfg.dtype)
+
+
+def check_memory(cfg, model):
+    """ConfigError, before the batches are drawn, when a training step of these options cannot fit in memory:
+    the parameters, their gradients and AdamW moments, one micro-batch's activations, the fixed
+    evaluation batches and the final sample's tokens."""
+    itemsize = model.dtype.itemsize
+    config = model.config
+    int64 = 8
+    need = (
+        4 * model.num_params() * itemsize
+        + memory.forward_bytes(config, cfg.batch_size, cfg.block_size, itemsize)
+        + 2 * cfg.eval_iters * 2 * cfg.batch_size * (cfg.block_size + 1) * int64
+        + (cfg.sample_tokens + 1) * int64
+    )
+    memory.check_fits(
+        need, f"training with --batch-size {cfg.batch_size}, --block-size {cfg.block_size}, "
+        f"--eval-iters {cfg.eval_iters} and --sample-tokens {cfg.sample_tokens} on a model of "
+        f"{model.num_params():,} parameters",
+        "lower --batch-size, --eval-iters or --sample-tokens, or choose a smaller model",
+    )
 
 
 def load_corpus(cfg):
@@ -317,7 +389,7 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
             )
         if model.dtype != backend.dtype_of(cfg.dtype):
             raise ConfigError(f"the checkpoint holds {model.dtype} parameters; resume with --dtype {model.dtype}")
-        start_step, best_val, since_best = meta["step"], meta["best_val_loss"], meta.get("evals_since_best", 0)
+        start_step, best_val, since_best = resume_point(meta)
     model.reference = cfg.reference
     model.frozen = frozen_names(model, cfg)
     optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
@@ -328,6 +400,18 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
         except ValueError as err:
             raise ConfigError(f"{LAST_CHECKPOINT}: {err}; resume with the freeze and LoRA options of that run") from None
     return model, optimizer, start_step, best_val, since_best
+
+
+def resume_point(meta):
+    """(step, best val loss, evaluations since the best) of a last.npz, each checked."""
+    where = f"{LAST_CHECKPOINT}: meta.json"
+    step, since_best, best_val = meta.get("step"), meta.get("evals_since_best", 0), meta.get("best_val_loss")
+    for name, value in (("step", step), ("evals_since_best", since_best)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise checkpoint.CheckpointError(f"{where}: {name} must be a whole number of 0 or more, got {value!r}")
+    if isinstance(best_val, bool) or not isinstance(best_val, (int, float)) or math.isnan(best_val):
+        raise checkpoint.CheckpointError(f"{where}: best_val_loss must be a number, got {best_val!r}")
+    return step, best_val, since_best
 
 
 @dataclass
@@ -465,6 +549,7 @@ def setup(cfg, device, out_dir):
     if resumed and not (out_dir / BEST_CHECKPOINT).exists():
         print(f"note: {out_dir / BEST_CHECKPOINT} is missing; the next evaluation writes a new one")
         best_val, since_best = math.inf, 0
+    check_memory(cfg, model)
 
     # --sft: the evaluations show the model's answers to these held-out prompts.
     held_out = [(prompt, completion) for _, prompt, completion in examples[-len(val_split):][:HELD_OUT_SHOWN]] \

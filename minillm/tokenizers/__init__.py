@@ -16,7 +16,17 @@ KINDS = {"char": CharTokenizer, "bpe": BPETokenizer}
 
 
 def from_dict(data):
+    if not isinstance(data, dict):
+        raise ValueError(f"the tokenizer must be an object with a \"kind\", got {type(data).__name__}")
     kind = data.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"unknown tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     return KINDS[kind].from_dict(data)
+
+
+def fits(tokenizer, vocab_size):
+    """Whether a model with vocab_size embedding rows can use the tokenizer: a character tokenizer
+    numbers exactly the model's rows; a BPE one may leave rows unused (GPT-2 models padded to 50304)."""
+    if tokenizer.kind == "char":
+        return tokenizer.vocab_size == vocab_size
+    return tokenizer.vocab_size <= vocab_size

@@ -34,12 +34,15 @@ from pathlib import Path
 
 import regex
 
+from minillm import files
+
 from minillm.tokenizers.bpe_train import learn_merges, merge_pair
 
 # GPT-2's pre-tokenisation pattern; \p{L} is any Unicode letter, \p{N} any digit or numeral.
 GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 ENDOFTEXT = "<|endoftext|>"
 MERGES_HEADER = "#version: 0.2"
+TOKENIZER_FILE_LIMIT = 64 * files.MiB  # GPT-2's vocab.json is 1 MiB, its merges.txt 0.5 MiB
 CACHE_LIMIT = 100_000  # chunks whose ids encode() remembers; the cache is emptied when it is full
 
 
@@ -201,6 +204,8 @@ class BPETokenizer:
             raise TokenizerError(f"BPE tokenizer data lacks the key {err.args[0]!r}") from None
         if not isinstance(merge_lines, list):
             raise TokenizerError("BPE tokenizer data: 'merges' must be a list of \"left right\" strings")
+        if not isinstance(special_texts, list) or not all(isinstance(text, str) for text in special_texts):
+            raise TokenizerError("BPE tokenizer data: 'special_tokens' must be a list of strings")
         merges = parse_merges(merge_lines, "BPE tokenizer data")
         vocab, special_tokens = parse_vocab(vocab_table, merges, "BPE tokenizer data")
         if set(special_tokens) != set(special_texts):
@@ -304,15 +309,20 @@ class BPETokenizer:
         Entries of vocab.json that are neither a byte nor the result of a merge
         are special tokens, as GPT-2's "<|endoftext|>" is.
         """
-        try:
-            vocab_table = json.loads(read_text(vocab_path, "vocab.json"))
-        except json.JSONDecodeError as err:
-            raise TokenizerError(f"{vocab_path}: not valid JSON ({err})") from None
+        vocab_table = files.parse_json(read_text(vocab_path, "vocab.json"), vocab_path, TokenizerError)
         lines = read_text(merges_path, "merges.txt").split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = parse_merges([line for line in lines if line], merges_path)
         vocab, special_tokens = parse_vocab(vocab_table, merges, vocab_path)
+        unmade = sorted((i, text) for text, i in special_tokens.items() if not written_as_special(text))
+        if unmade:
+            i, text = unmade[0]
+            raise TokenizerError(
+                f"{merges_path}: no merge makes {len(unmade)} token(s) of {vocab_path}, the first {text!r} (id {i}); "
+                "merges.txt is missing merges (cut short?): use the merges.txt that belongs to this vocab.json "
+                "(only special tokens, written <...> or [...], may be made by no merge)"
+            )
         try:
             return cls(vocab, merges, special_tokens)
         except TokenizerError as err:
@@ -327,14 +337,13 @@ def special_pattern(special_tokens):
     return regex.compile("|".join(regex.escape(text) for text in sorted(special_tokens, key=len, reverse=True)))
 
 
+def written_as_special(text):
+    """Whether a vocab.json entry is written as special tokens are: <|endoftext|>, <pad>, [CLS]."""
+    return len(text) > 2 and (text[0], text[-1]) in (("<", ">"), ("[", "]"))
+
+
 def read_text(path, kind):
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: no such file; a GPT-2 tokenizer is vocab.json and merges.txt") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: cannot read this {kind} ({err})") from None
+    return files.read_small_text(path, TokenizerError, TOKENIZER_FILE_LIMIT, f"a GPT-2 tokenizer's {kind}")
 
 
 def parse_merges(lines, where):

@@ -42,4 +42,7 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, data):
-        return cls(data["chars"])
+        chars = data.get("chars")
+        if not isinstance(chars, str) or not chars or len(set(chars)) < len(chars):
+            raise ValueError("a character tokenizer's \"chars\" must be a string of distinct characters")
+        return cls(chars)

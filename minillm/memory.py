@@ -1,0 +1,48 @@
+"""The memory a request needs, checked before anything is allocated.
+
+A model, a batch or a cache too large for the machine would otherwise fail deep in
+NumPy with a bare MemoryError, or, worse, grow until the system kills the process.
+Each size here is a lower bound computed from the shapes alone (no allocation),
+and `check_fits` compares it with the machine's physical memory.
+"""
+
+import os
+
+from minillm.files import GiB
+
+
+def physical_memory():
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def size_text(nbytes):
+    gib = nbytes / GiB
+    return f"{gib:,.1f} GiB" if gib < 1e6 else f"{gib:.1e} GiB"
+
+
+def check_fits(nbytes, what, hint):
+    """Raise ConfigError when `nbytes` exceed the machine's memory: what needs it, how much, and `hint`."""
+    limit = physical_memory()
+    if limit is not None and nbytes > limit:
+        from minillm.model import ConfigError  # the model module checks its own size with this one
+
+        raise ConfigError(
+            f"{what} would need at least {size_text(nbytes)}, more than this machine's "
+            f"{size_text(limit)} of memory; {hint}"
+        )
+
+
+def forward_bytes(config, batch_size, length, itemsize):
+    """A lower bound on the activations one forward pass keeps for backward: per token and layer,
+    about 16 vectors of n_embd and two rows of attention weights; per token, the logits twice."""
+    per_token = config.n_layer * (16 * config.n_embd + 2 * config.n_head * length) + 2 * config.vocab_size
+    return batch_size * length * per_token * itemsize
+
+
+def kv_cache_bytes(config, batch_size, itemsize):
+    """The keys and values of every layer, for batch_size sequences of the full context."""
+    return 2 * config.n_layer * batch_size * config.block_size * config.n_embd * itemsize
