@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy
 
-from minillm import backend, checkpoint, cli, hf
+from minillm import backend, checkpoint, cli
 from minillm.sampling import encode_prompt
 from minillm.tokenizers.bpe import TokenizerError
 from minillm.tokenizers.char import UnknownCharactersError
@@ -155,10 +155,12 @@ def check_choice(parser, flag, value, count, what):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    try:
-        model, tokenizer = load_model(args)
-    except (checkpoint.CheckpointError, backend.BackendError, hf.PretrainedError, OSError) as err:
-        return fail(err, args.debug)
+    return cli.run(PROG, lambda: look(parser, args), args.debug)
+
+
+def look(parser, args):
+    """Load the model, check --layer and --head, print the table, write the JSON and the pictures."""
+    model, tokenizer = load_model(args)
     model.reference = args.reference
     cfg = model.config
     check_choice(parser, "--layer", args.layer, cfg.n_layer, "layers")
@@ -166,7 +168,7 @@ def main(argv=None):
     try:
         ids = encode_prompt(tokenizer, args.prompt)
     except (UnknownCharactersError, TokenizerError) as err:
-        return fail(f"cannot encode the prompt: {err}", args.debug)
+        raise type(err)(f"cannot encode the prompt: {err}") from None
     if len(ids) > cfg.block_size:
         print(f"{PROG}: note: the prompt has {len(ids)} tokens; looking at the last {cfg.block_size} "
               "(the model's context)", file=sys.stderr)
@@ -175,18 +177,14 @@ def main(argv=None):
     found = look_inside(model, tokenizer, ids)
     print("\n".join(prediction_table(found)))
     out_dir = Path(args.out_dir)
-    try:
-        json_text = as_json(found, args.prompt, model)
-        checkpoint.atomic_write(out_dir / JSON_FILE, lambda f: f.write(json_text.encode("utf-8")))
-        written = draw(found, args.layer, args.head, out_dir)
-    except OSError as err:
-        return fail(f"cannot write into {out_dir}: {err.strerror or err}", args.debug)
+    json_text = as_json(found, args.prompt, model)
+    checkpoint.atomic_write(out_dir / JSON_FILE, lambda f: f.write(json_text.encode("utf-8")))
+    written = draw(found, args.layer, args.head, out_dir)
     if written is None:
         print(f"{PROG}: note: no pictures without matplotlib (pip install -e '.[plots]'); "
               f"the table is above and the numbers are in {out_dir / JSON_FILE}", file=sys.stderr)
         written = []
     print(f"wrote {', '.join(str(out_dir / name) for name in [*written, JSON_FILE])}")
-    return 0
 
 
 def draw(found, layer, head, out_dir):
@@ -196,14 +194,6 @@ def draw(found, layer, head, out_dir):
     except ImportError:
         return None
     return inspect_plots.draw_all(found, layer, head, out_dir)
-
-
-def fail(message, debug):
-    """Print the one-line error (or, with --debug, raise the exception being handled) and return 1."""
-    if debug:
-        raise
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
 
 
 if __name__ == "__main__":
