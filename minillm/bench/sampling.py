@@ -162,15 +162,16 @@ def main(argv=None):
     gpt2 = cases()[-1][1]
     weight_bytes = 4 * GPT(gpt2, seed=0, dtype="float32").num_params()
     rate = weight_stream_rate(gpt2)
+    version = f"version {transformers}" if transformers else "not installed"
     notes = f"""
 Greedy, batch 1, a one-token prompt, float32, random weights; medians over the rounds. In each round
-the cached run, the uncached run, transformers' `generate` (with its KV cache, in a process of its own,
-{'version ' + transformers if transformers else 'not installed'}) and the cached run beside a process
-that keeps one core busy take turns. "vs transformers": the median of the rounds' transformers time /
-cached time (above 1: minillm is faster). "slowdown": the median of the rounds' busy / quiet time of
-the cached run. "busy, threads unwatched": the same, with the BLAS keeping its own thread count
-(all cores) as sampling did before it watched the cores' load. "same tokens": every run of the row chose the tokens of the first cached run (or
-which runs did not).
+the cached run, the uncached run, transformers' `generate` (with its KV cache, in a process of its
+own; {version}) and the cached run beside a process that keeps one core busy take turns.
+"vs transformers": the median of the rounds' transformers time / cached time (above 1: minillm is
+faster). "slowdown": the median of the rounds' busy / quiet time of the cached run. "busy, threads
+unwatched": the cached run beside the busy process with the BLAS keeping its own thread count (all
+cores), as sampling ran before minillm/blas_threads.py. "same tokens": every run of the row chose the
+tokens of the first cached run (or which runs did not).
 
 - **baby** (block 64): after 64 tokens the window slides every step. Position embeddings are learned
   and added at the input, so every cached key and value goes stale and the cache is rebuilt by a
@@ -178,10 +179,10 @@ which runs did not).
   That is the price of samples identical to the full forward's. transformers' GPT-2 does not slide
   its window, so it has no figure here.
 - **baby, block 320**: the same model with room for all 257 positions: no rebuild.
-- **GPT-2 small**: 64 new tokens instead of 256, to keep the uncached runs short. Each token reads all
-  {weight_bytes / 1e6:.0f} MB of float32 weights once; this machine's matrix-vector product streams them
-  at {rate / 1e9:.1f} GB/s (the LM head's {gpt2.vocab_size}x{gpt2.n_embd} matrix, all threads), so no
-  float32 decoder can pass {rate / weight_bytes:.0f} tokens/s at batch 1 here.
+- **GPT-2 small**: 64 new tokens instead of 256, to keep the uncached runs short. Each token reads
+  all {weight_bytes / 1e6:.0f} MB of float32 weights once. Measured after the table, a matrix-vector
+  product with the LM head's {gpt2.vocab_size}x{gpt2.n_embd} matrix (all threads) streamed weights at
+  {rate / 1e9:.1f} GB/s, so no float32 decoder could pass {rate / weight_bytes:.0f} tokens/s at batch 1.
 """
     print()
     print(table)
