@@ -9,10 +9,11 @@ flags given explicitly change (for example --max-iters to train longer).
 import argparse
 import json
 import sys
+import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minillm import backend, checkpoint, cli, data, hf
+from minillm import backend, checkpoint, cli, data, distributed, hf
 from minillm.model import ConfigError
 from minillm.readback import TrainingError
 from minillm.tokenizers.char import UnknownCharactersError
@@ -66,6 +67,7 @@ HELP = {
     "dtype": "float32 or float64",
     "threads": "CPU threads; the batch is split between them (0: one per core; 1 on a GPU)",
     "reference": "run on the reference layers (minillm/layers: the equations as written) instead of the fast ones",
+    "zero": "under mpiexec: 1 shards AdamW's moments across the processes, each keeping 1/N of them (ZeRO-1)",
 }
 
 
@@ -147,14 +149,40 @@ def main(argv=None):
     debug = getattr(args, "debug", False)
     try:
         train(resolve_config(args))
-    except (ConfigError, backend.BackendError) as err:
+    except distributed.RankStopped:
+        return 1  # another rank failed and said why
+    except (ConfigError, backend.BackendError, distributed.DistributedError) as err:
         if debug:
             raise
-        parser.exit(2, f"train.py: error: {err}\n")
+        parser.exit(fail(err, 2))
     except (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, OSError,
             UnknownCharactersError) as err:
         if debug:
             raise
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
+        return fail(err, 1)
+    except BaseException:
+        if launched_with_others():  # the traceback, then every rank ends: none waits for this one
+            traceback.print_exc()
+            sys.stderr.flush()
+            distributed.joined().abort(1)
+        raise
     return 0
+
+
+def fail(err, code):
+    """Report err in one line (once per job) and return the exit code.
+
+    An error that only this rank met ends the whole job (MPI_Abort): the other ranks
+    would otherwise wait for it forever at their next exchange.
+    """
+    if not getattr(err, "reported_elsewhere", False):
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+    if launched_with_others() and not getattr(err, "every_rank", False):
+        distributed.joined().abort(code)
+    return code
+
+
+def launched_with_others():
+    """Whether this process is one rank of a job of several."""
+    world = distributed.joined()
+    return world is not None and world.size > 1
