@@ -14,11 +14,13 @@ with n_r counted targets on rank r and n in the micro-batch,
 
 so N ranks give the gradient of one process that takes the whole micro-batch (up to
 rounding). Per optimizer step the ranks exchange
+    before the step, whether any of them was asked to stop (Ctrl-C), so all stop together;
     before the first forward pass, the counted targets of each micro-batch (a few numbers);
     after the last backward pass, the gradients and the loss: ONE allreduce of one flat
         buffer (with --zero 1, a reduce-scatter, then the loss and the squared gradient
-        norm as two numbers; see minillm/zero.py).
+        norm as one number each, and an allgather of the parameters; see minillm/zero.py).
 With --grad-accum the gradients of the micro-batches are added up on each rank first.
+The exchange starts after the last backward pass: it does not overlap with it.
 
 Failures: an error that every rank meets alike (a bad option, a non-finite step, which
 every rank sees in the same summed numbers) is reported by one rank and every rank exits;

@@ -7,7 +7,9 @@ flags given explicitly change (for example --max-iters to train longer).
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
 from dataclasses import asdict, fields
@@ -145,10 +147,16 @@ def resolve_config(args):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Under mpiexec every rank parses the same flags: rank 0 alone shows their errors (and --help).
+    with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:
+        if distributed.launched_rank() not in (None, 0):
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        train(resolve_config(args))
+        world = distributed.join()  # before anything can fail on one rank alone: then it can end the job
+        train(world.together(lambda: resolve_config(args)))
     except distributed.RankStopped:
         return 1  # another rank failed and said why
     except (ConfigError, backend.BackendError, distributed.DistributedError) as err:

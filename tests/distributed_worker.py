@@ -6,8 +6,8 @@
     identical  a float32 model with dropout trains on each rank's own random rows; OUT (.json) gets
                whether every rank ended with bit-identical parameters (an allreduce of a hash of them)
                and whether the ranks drew different rows
-    dies       train.py on a tiny corpus, in which rank 1 fails at step 3 (raises, or is killed when OUT
-               is "kill"): the job must end rather than wait for it
+    dies       train.py on a tiny corpus, in which rank 1 alone fails (OUT says how: "raise" or "kill"
+               at step 3, "setup" while reading the data): the job must end rather than wait for it
 """
 
 import hashlib
@@ -136,8 +136,13 @@ def identical(world, out, device):
 
 
 def dies(world, how, args):
-    """train.py whose rank 1 fails at its step 3."""
-    step_of = training.train_step
+    """train.py whose rank 1 fails at its step 3, or in its setup."""
+    step_of, corpus_of = training.train_step, training.load_corpus
+
+    def failing_corpus(cfg):
+        if world.rank == 1:
+            raise data.DataError("rank 1 cannot read its data")
+        return corpus_of(cfg)
 
     def failing_step(model, optimizer, batch, step, *rest):
         if world.rank == 1 and step == 3:
@@ -146,7 +151,7 @@ def dies(world, how, args):
             raise RuntimeError("rank 1 broke down")
         return step_of(model, optimizer, batch, step, *rest)
 
-    training.train_step = failing_step
+    training.train_step, training.load_corpus = failing_step, failing_corpus if how == "setup" else corpus_of
     from minillm.train_cli import main
 
     sys.exit(main(args))

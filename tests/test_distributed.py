@@ -167,13 +167,22 @@ def test_a_non_finite_step_stops_every_rank_with_one_line(tmp_path, corpus):
 
 
 @needs_mpi
-@pytest.mark.parametrize("how", ["raise", "kill"])
-def test_a_rank_that_dies_ends_the_job(tmp_path, corpus, how):
+@pytest.mark.parametrize("how", ["raise", "kill", "setup"])
+def test_a_rank_that_fails_alone_ends_the_job(tmp_path, corpus, how):
     result = mpiexec(2, "tests/distributed_worker.py", "dies", how, "--data", str(corpus),
                      "--out-dir", str(tmp_path), *flags(max_iters=100_000, eval_interval=100_000), timeout=60)
     assert result.returncode != 0
     if how == "raise":
         assert "RuntimeError: rank 1 broke down" in result.stderr
+    if how == "setup":  # shared before any exchange: every rank stops, one line says why
+        assert result.stderr.strip().splitlines() == ["train.py: error: rank 1 cannot read its data"]
+
+
+@needs_mpi
+def test_a_usage_error_is_one_line_from_rank_0(tmp_path, corpus):
+    result = mpiexec(2, "train.py", "--data", str(corpus), "--out-dir", str(tmp_path), "--lr", "fast")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["train.py: error: argument --lr: invalid float value: 'fast' (see --help)"]
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
