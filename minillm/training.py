@@ -15,6 +15,9 @@ Frozen parameters get no optimizer state.
 
 One step is train_step, first below: the whole of training in miniature. The rest
 of the module is the loop around it: setup, the loop itself, and the finish.
+Started by mpiexec, each process is one rank of a data-parallel job: it takes its
+share of every batch, the ranks sum their gradients, and rank 0 alone prints and
+writes (minillm/distributed.py; --zero 1: minillm/zero.py).
 
 Randomness is counter-based: the batches and the dropout masks of step k come
 from generators seeded with (seed, k). Resuming at step k therefore needs no saved

@@ -18,6 +18,7 @@ It needs the mpi extra (pip install -e '.[mpi]').
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -183,6 +184,7 @@ def main(argv=None):
         "1 process, 2 threads (default)": this + ["--worker", "threads"],
         "2 ranks, 1 thread each": [mpiexec, "-n", "2", *this, "--worker", "ranks"],
     }
+    load_before = os.getloadavg()[0]
     runs = {name: [] for name in commands}
     for round_ in range(args.rounds):
         for name, command in commands.items():
@@ -190,6 +192,7 @@ def main(argv=None):
         print(f"round {round_ + 1}/{args.rounds}: " + ", ".join(
             f"{name} {1000 * statistics.median(runs[name][-1]['step']):.0f} ms" for name in commands), file=sys.stderr)
     comms = run_json([mpiexec, "-n", "2", *this, "--collectives", "3"])
+    load_after = os.getloadavg()[0]
 
     baseline, default, ranks = commands  # the three runs' names, in order
     median_step = lambda result: statistics.median(result["step"])
@@ -238,14 +241,17 @@ def main(argv=None):
         )
         model_tables.append(f"{name} (compute {1000 * compute:,.0f} ms, of which AdamW {1000 * adamw:,.0f} ms):\n\n"
                             f"{table}")
+    round_ratios = [median_step(d) / median_step(r) for r, d in zip(runs[ranks], runs[default])]
+    exchange_ranks = statistics.median(statistics.median(r["exchange"]) for r in runs[ranks])
     bandwidth = {name: 2 * 4 * params / NETWORK_BYTES_PER_S for name, params in
                  (("small", params_small), ("gpt2", GPT2_PARAMS))}
-    explanation = f"""What the numbers say. On this machine the ranks share the same 2 cores. The 2 ranks ran at
-{speed(ranks, default):.2f}x the speed of train.py's default 1-process run, whose 2 threads split the batch in the same
-way without an exchange (probably the threads lose time taking turns for Python's lock between NumPy calls, which
-processes do not share), and at {speed(ranks, baseline):.2f}x that of 1 process whose matrix products alone use both
-cores (its element-wise work runs on one core, and two BLAS threads suffer when another program takes a core: see
-minillm/blas_threads.py). Across machines each rank brings its own cores, and the price is the exchange. The
+    explanation = f"""What the numbers say. On this machine the ranks share its 2 cores. The 2 ranks do the work of train.py's default
+1-process run split the same way (its 2 threads each take half the batch), plus the exchange
+({1000 * exchange_ranks:.0f} ms a step here). Round by round their speed against the default was
+{", ".join(f"{r:.2f}x" for r in round_ratios)} (median {speed(ranks, default):.2f}x): other work on the machine moved
+single runs by as much as that. The 1 process whose matrix products alone use both cores ran at
+{speed(baseline, default):.2f}x the default's speed: its element-wise work runs on one core, and two BLAS threads
+suffer when another program takes a core (see minillm/blas_threads.py). Across machines each rank brings its own cores, and the price is the exchange. The
 bandwidth term of a ring allreduce, 2 (N-1)/N M / beta, tends to 2 M / beta whatever N:
 {1000 * bandwidth['small']:.1f} ms for `small`'s {4 * params_small / 1e6:.0f} MB of gradient and
 {1000 * bandwidth['gpt2']:.0f} ms for GPT-2 small's {4 * GPT2_PARAMS / 1e6:.0f} MB at 100 Gb/s, against steps of
@@ -265,8 +271,9 @@ Medians over {args.rounds} rounds of {args.steps} timed steps of `small` (8 rows
 timed in turns; speed: the median over rounds of the other run's step time / this run's. Exchange: the time a rank spends
 in the step's exchanges (the stop flag, the micro-batches' target counts, the one allreduce of the gradients and loss,
 with the copies into the flat buffer), waiting for the slower rank included. The machine was shared with other
-work while this ran (its load average was about 2 on 2 cores before it started), so single figures are noisy;
-the ratios, from runs timed in turns, are steadier.
+work while this ran (its load average, over the minute before, was {load_before:.1f} when it started and
+{load_after:.1f} when it ended, on {os.cpu_count()} cores), so single figures are noisy; the ratios, from runs
+timed in turns, are steadier.
 
 {collective_table}
 
