@@ -545,11 +545,12 @@ def setup(cfg, device, out_dir, world=distributed.ALONE):
     trainable = sum(int(p.size) for p in model.trainable_params().values())
     sharded = isinstance(optimizer, ShardedAdamW)
     adamw_mib = 2 * trainable * model.dtype.itemsize / 2**20 / (world.size if sharded else 1)
+    ranks = (f"{world.size} processes share" if world.size > 1 else "1 process takes") + \
+        f" each batch of {cfg.batch_size} rows ({world.rows(cfg.batch_size)} on rank 0); gradients summed through " \
+        f"{world.gradient_path.upper()}" + (", AdamW state sharded (--zero 1)" if sharded else "")
     print(
         f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
-        + (f"ranks: {world.size} processes share each batch of {cfg.batch_size} rows ({world.rows(cfg.batch_size)} "
-           f"on rank 0); gradients summed through {world.gradient_path.upper()}"
-           + (", AdamW state sharded (--zero 1)" if sharded else "") + "\n" if world.comm else "")
+        + (f"ranks: {ranks}\n" if world.comm else "")
         + f"model: {model.num_params():,} parameters, {trainable:,} trainable "
         f"(AdamW state {adamw_mib:.2f} MiB" + (" per rank" if sharded else "") + f"), on {device}"
         + (" (CuPy is installed but sees no CUDA GPU)" if backend.auto_missed_a_gpu(cfg.device, device) else "") + " "

@@ -148,6 +148,21 @@ def test_zero_1_checkpoints_are_the_same_file_whatever_the_rank_count(tmp_path, 
 
 
 @needs_mpi
+def test_one_rank_under_mpiexec_ends_bit_identical_to_a_plain_run(tmp_path, corpus):
+    options = ["--data", str(corpus), *flags(max_iters=6, eval_interval=3, threads=2, grad_accum=2)]
+    plain = subprocess.run([sys.executable, "train.py", *options, "--out-dir", str(tmp_path / "plain")],
+                           capture_output=True, text=True, cwd=ROOT, env=without_launcher())
+    assert plain.returncode == 0, plain.stderr
+    ranked = mpiexec(1, "train.py", *options, "--out-dir", str(tmp_path / "ranked"))
+    assert ranked.returncode == 0, ranked.stderr
+    assert "ranks: 1 process takes each batch" in ranked.stdout
+    expected, _ = checkpoint.read_arrays(tmp_path / "plain" / "last.npz")
+    got, _ = checkpoint.read_arrays(tmp_path / "ranked" / "last.npz")
+    for name in expected:
+        assert numpy.array_equal(expected[name], got[name]), name
+
+
+@needs_mpi
 def test_a_batch_that_cannot_be_split_is_one_line_before_anything_is_written(tmp_path, corpus):
     result = mpiexec(2, "train.py", "--data", str(corpus), "--out-dir", str(tmp_path / "out"), *flags(batch_size=1))
     assert result.returncode == 2
@@ -236,3 +251,19 @@ def test_one_rank_on_a_gpu_sums_through_nccl_as_one_process_would(tmp_path):
     run = mpiexec(1, "train.py", "--out-dir", str(tmp_path / "out"), *flags(device="cuda", max_iters=6))
     assert run.returncode == 0, run.stderr
     assert "gradients summed through NCCL" in run.stdout
+
+
+def test_the_alpha_beta_model_of_the_scaling_benchmark():
+    """A ring allreduce is a reduce-scatter and an allgather; its bandwidth term tends to 2 M / beta."""
+    from minillm.bench.scaling import model_rows, ring_seconds
+
+    megabyte, beta = 1e6, 1e9
+    assert ring_seconds(2, megabyte, 0.0, beta) == pytest.approx(megabyte / beta)
+    assert ring_seconds(8, megabyte, 1e-5, beta) == pytest.approx(2 * ring_seconds(8, megabyte, 1e-5, beta, rounds=1))
+    assert ring_seconds(4096, megabyte, 0.0, beta) == pytest.approx(2 * megabyte / beta, rel=1e-3)
+    rows = {(n, zero): (step, exchange) for n, zero, step, exchange, _, _ in model_rows(1.0, 0.25, 1e6, 100)}
+    assert rows[(1, "no")] == (1.0, 0.0)
+    for n in (8, 64, 512):  # ZeRO-1: a little more latency, 1/n of the update
+        assert rows[(n, "yes")][1] > rows[(n, "no")][1]
+        assert rows[(n, "yes")][0] == pytest.approx(rows[(n, "no")][0] - 0.25 * (1 - 1 / n)
+                                                    + rows[(n, "yes")][1] - rows[(n, "no")][1])

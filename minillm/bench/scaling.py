@@ -245,14 +245,14 @@ def main(argv=None):
     exchange_ranks = statistics.median(statistics.median(r["exchange"]) for r in runs[ranks])
     bandwidth = {name: 2 * 4 * params / NETWORK_BYTES_PER_S for name, params in
                  (("small", params_small), ("gpt2", GPT2_PARAMS))}
-    explanation = f"""What the numbers say. On this machine the ranks share its 2 cores. The 2 ranks do the work of train.py's default
-1-process run split the same way (its 2 threads each take half the batch), plus the exchange
+    explanation = f"""What the numbers say. On this machine the ranks share its 2 cores. The 2 ranks do the work
+of train.py's default 1-process run split the same way (its 2 threads each take half the batch), plus the exchange
 ({1000 * exchange_ranks:.0f} ms a step here). Round by round their speed against the default was
 {", ".join(f"{r:.2f}x" for r in round_ratios)} (median {speed(ranks, default):.2f}x): other work on the machine moved
 single runs by as much as that. The 1 process whose matrix products alone use both cores ran at
 {speed(baseline, default):.2f}x the default's speed: its element-wise work runs on one core, and two BLAS threads
-suffer when another program takes a core (see minillm/blas_threads.py). Across machines each rank brings its own cores, and the price is the exchange. The
-bandwidth term of a ring allreduce, 2 (N-1)/N M / beta, tends to 2 M / beta whatever N:
+suffer when another program takes a core (see minillm/blas_threads.py). Across machines each rank brings its
+own cores, and the price is the exchange. The bandwidth term of a ring allreduce, 2 (N-1)/N M / beta, tends to 2 M / beta whatever N:
 {1000 * bandwidth['small']:.1f} ms for `small`'s {4 * params_small / 1e6:.0f} MB of gradient and
 {1000 * bandwidth['gpt2']:.0f} ms for GPT-2 small's {4 * GPT2_PARAMS / 1e6:.0f} MB at 100 Gb/s, against steps of
 {1000 * compute_small:,.0f} and {1000 * gpt2_step:,.0f} ms computed on 2 cores. The latency term, 2 (N-1) alpha, grows
