@@ -77,6 +77,7 @@ class World:
             self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
             local.Free()
         self.nccl = None
+        self._flat_layout = None  # where each gradient lives in the flat buffer of the allreduce
 
     @property
     def is_main(self):
@@ -232,7 +233,7 @@ class World:
                                  layout.spans.items()}
 
     def _layout(self, grads):
-        layout = getattr(self, "_flat_layout", None)
+        layout = self._flat_layout
         if layout is None or list(layout.spans) != list(grads):
             self._flat_layout = layout = FlatLayout(grads, extra=1)
         return layout

@@ -42,7 +42,6 @@ class ShardedAdamW:
         for name, (start, end) in self.layout.spans.items():
             self.flat_params[start:end] = params[name].reshape(-1)
             model.params[name] = self.flat_params[start:end].reshape(params[name].shape)
-        self.params = {name: model.params[name] for name in params}
         self.grad_buffer = self.layout.buffer.copy()
         xp = backend.get_array_module(self.flat_params)
         part = self.layout.part
