@@ -32,11 +32,15 @@ Nothing here imports mpi4py unless an MPI launcher started this process (see lau
 
 import copy
 import os
+import sys
+import time
 
 import numpy
 
 from minillm import backend
 from minillm.layers.cross_entropy import IGNORE_INDEX
+
+ABORT_DELAY_S = 1.0
 
 # Set by the launchers: MPICH's and Intel MPI's hydra, Open MPI's mpirun, PMIx launchers (srun among them).
 LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -278,6 +282,11 @@ class World:
     def abort(self, code):
         """End every rank of the job at once (MPI_Abort); returns only for a process alone."""
         if self.comm is not None and self.size > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The launcher ends the job as soon as it hears of the abort, and with it the passing-on of what this
+            # rank wrote last (its error): give that a moment first.
+            time.sleep(ABORT_DELAY_S)
             self.comm.Abort(code)
 
 
