@@ -75,8 +75,11 @@ def atomic_write(path, write):
         raise
 
 
-def save(path, model, tokenizer, optimizer=None, **meta):
-    """Write model parameters (and optimizer moments) to `path`; extra keyword values go into meta.json."""
+def save(path, model, tokenizer, optimizer=None, optimizer_state=None, **meta):
+    """Write model parameters (and optimizer moments) to `path`; extra keyword values go into meta.json.
+
+    optimizer_state: an optimizer's state_dict() already taken, in place of the optimizer.
+    """
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -86,8 +89,8 @@ def save(path, model, tokenizer, optimizer=None, **meta):
         **meta,
     }
     arrays = {f"params/{name}": backend.to_host(p) for name, p in model.params.items()}
-    if optimizer is not None:
-        state = optimizer.state_dict()
+    state = optimizer.state_dict() if optimizer is not None else optimizer_state
+    if state is not None:
         header["optimizer_step"] = state["t"]
         for name in state["m"]:
             arrays[f"adam_m/{name}"] = backend.to_host(state["m"][name])

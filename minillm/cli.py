@@ -63,10 +63,13 @@ class NamedOutput:
         return getattr(self._stream, name)
 
 
-def run(prog, body, debug=False):
+def run(prog, body, debug=False, after_error=None):
     """body()'s exit status (None is 0); any error it raises is one line on stderr and its status.
 
-    With `debug`, an error is raised instead, for its traceback.
+    With `debug`, an error is raised instead, for its traceback. An error marked
+    reported_elsewhere (another process of the same job printed it) is not printed
+    again. after_error(err, status), when given, runs once an error is reported:
+    train.py ends an MPI job there.
     """
     stdout = sys.stdout
     sys.stdout = NamedOutput(stdout)
@@ -87,19 +90,27 @@ def run(prog, body, debug=False):
     except USAGE_ERRORS as err:
         if debug:
             raise
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return USAGE
+        return report(prog, err, err, USAGE, after_error)
     except RUN_ERRORS as err:
         if debug:
             raise
+        text = err
         if isinstance(err, OSError):
             if err.filename == "standard output":
                 quiet_stdout()
-            err = oserror_text(err)
-        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
-        return FAILED
+            text = oserror_text(err)
+        return report(prog, err, text, FAILED, after_error)
     finally:
         sys.stdout = stdout
+
+
+def report(prog, err, text, status, after_error):
+    """Print the error's text as one line, unless another process reported it, then after_error; the status."""
+    if not getattr(err, "reported_elsewhere", False):
+        print(f"{prog}: error: {one_line(text)}", file=sys.stderr, flush=True)
+    if after_error:
+        after_error(err, status)
+    return status
 
 
 # Characters at which a terminal or str.splitlines starts a new line.

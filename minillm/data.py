@@ -118,6 +118,9 @@ def open_token_file(path, vocab_size):
 def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1, source="the text"):
     """Encode text, write train.bin (first 90%) and val.bin (last 10%), return both memory-mapped.
 
+    With directory None nothing is written and the splits are arrays in memory (the ranks
+    of a job other than rank 0, which leave the out dir to it).
+
     Each split must hold at least one window of block_size + 1 tokens (inputs plus
     the shifted targets); `source` names the text in the error when one does not.
     """
@@ -130,6 +133,8 @@ def prepare_splits(text, tokenizer, directory, block_size, val_fraction=0.1, sou
                 f"{source}: the {name} split has {len(part)} tokens, fewer than block_size + 1 = {block_size + 1}; "
                 "use more text or a smaller --block-size"
             )
+    if directory is None:
+        return [numpy.asarray(part, dtype=token_dtype(tokenizer.vocab_size)) for part in parts.values()]
     splits = []
     for name, part in parts.items():
         path = Path(directory) / f"{name}.bin"

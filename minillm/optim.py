@@ -82,7 +82,7 @@ class AdamW:
                 mine[...] = xp.asarray(saved)
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, across_shards=None):
     """Scale all gradients in place so their global L2 norm is at most max_norm.
 
     norm = sqrt(sum over every gradient array of sum(g^2)); when norm > max_norm
@@ -90,9 +90,12 @@ def clip_grad_norm(grads, max_norm):
     guards a zero norm, and also trims norms within 1e-6 of the limit). Returns the norm
     before clipping as a 0-d array on the gradients' device: reading it as a
     Python float is the caller's choice (it waits for the device).
+    When `grads` is one rank's part of the gradients (ZeRO-1, minillm/zero.py),
+    across_shards(sum of squares) sums the parts' sums over the ranks.
     """
     xp = get_array_module(*grads.values())
-    norm = xp.sqrt(sum((g * g).sum() for g in grads.values()))
+    squares = sum((g * g).sum() for g in grads.values())
+    norm = xp.sqrt(squares if across_shards is None else across_shards(squares))
     if max_norm:
         scale = xp.minimum(1.0, max_norm / (norm + 1e-6))
         for g in grads.values():

@@ -67,6 +67,27 @@ class Progress:
         self.log.close()
 
 
+class Silent:
+    """Progress on the ranks of a job other than rank 0: they print and log nothing."""
+
+    log_path = None
+
+    def print(self, text):
+        pass
+
+    def record(self, entry):
+        pass
+
+    def report(self, entry):
+        pass
+
+    def advance(self):
+        pass
+
+    def close(self):
+        pass
+
+
 def lines_before(log_path, step):
     """The log's lines recorded before a run resumed at `step` went on from its saved state.
 

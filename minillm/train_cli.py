@@ -7,10 +7,13 @@ flags given explicitly change (for example --max-iters to train longer).
 """
 
 import argparse
+import contextlib
+import os
+import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minillm import backend, checkpoint, cli, data, files
+from minillm import backend, checkpoint, cli, data, distributed, files
 from minillm.model import ConfigError
 from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, field_problem, flag, train
 
@@ -62,6 +65,7 @@ HELP = {
     "dtype": "float32 or float64",
     "threads": "CPU threads; the batch is split between them (0: one per core; 1 on a GPU)",
     "reference": "run on the reference layers (minillm/layers: the equations as written) instead of the fast ones",
+    "zero": "under mpiexec: 1 shards AdamW's moments across the processes, each keeping 1/N of them (ZeRO-1)",
 }
 
 
@@ -169,6 +173,38 @@ def resolve_config(args):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    body = lambda: cli.DONE if train(resolve_config(args)) is not None else cli.INTERRUPTED
-    return cli.run("train.py", body, getattr(args, "debug", False))
+    # Under mpiexec every rank parses the same flags: rank 0 alone shows their errors (and --help).
+    with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:
+        if distributed.launched_rank() not in (None, 0):
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        args = parser.parse_args(argv)
+    return cli.run("train.py", lambda: train_as_a_rank(args), getattr(args, "debug", False), after_error=end_the_job)
+
+
+def train_as_a_rank(args):
+    """Train in this process, alone or as one rank of an MPI job; the exit status."""
+    world = distributed.join()  # before anything can fail on one rank alone: then it can end the job
+    try:
+        model = train(world.together(lambda: resolve_config(args)))
+    except distributed.RankStopped:
+        return cli.FAILED  # another rank failed and said why
+    except Exception as err:
+        if launched_with_others() and not isinstance(err, cli.USAGE_ERRORS + cli.RUN_ERRORS):
+            traceback.print_exc()  # an unexpected error: its traceback, then every rank ends
+            end_the_job(err, cli.FAILED)
+        raise
+    return cli.DONE if model is not None else cli.INTERRUPTED
+
+
+def end_the_job(err, status):
+    """After this rank reported an error that it alone met, end every rank of the job (MPI_Abort):
+    the others would otherwise wait for it forever at their next exchange."""
+    if launched_with_others() and not getattr(err, "every_rank", False):
+        distributed.joined().abort(status)
+
+
+def launched_with_others():
+    """Whether this process is one rank of a job of several."""
+    world = distributed.joined()
+    return world is not None and world.size > 1

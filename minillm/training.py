@@ -15,6 +15,9 @@ Frozen parameters get no optimizer state.
 
 One step is train_step, first below: the whole of training in miniature. The rest
 of the module is the loop around it: setup, the loop itself, and the finish.
+Started by mpiexec, each process is one rank of a data-parallel job: it takes its
+share of every batch, the ranks sum their gradients, and rank 0 alone prints and
+writes (minillm/distributed.py; --zero 1: minillm/zero.py).
 
 Randomness is counter-based: the batches and the dropout masks of step k come
 from generators seeded with (seed, k). Resuming at step k therefore needs no saved
@@ -34,6 +37,7 @@ The out dir holds:
 import contextlib
 import json
 import math
+import os
 import signal
 import textwrap
 import time
@@ -41,15 +45,17 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy
+from threadpoolctl import threadpool_limits
 
-from minillm import backend, checkpoint, data, evaluate, memory, parallel, sft
+from minillm import backend, checkpoint, data, distributed, evaluate, memory, parallel, sft
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
-from minillm.progress import LOG_FILE, PLOT_FILE, Progress, plot_losses
-from minillm.readback import NonfiniteWatch, StepClock
+from minillm.progress import LOG_FILE, PLOT_FILE, Progress, Silent, plot_losses
+from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
+from minillm.zero import ShardedAdamW
 
 BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
@@ -61,36 +67,39 @@ RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
 
 
-def train_step(model, optimizer, batch, step, cfg, watch):
+def train_step(model, optimizer, batch, step, cfg, watch, ranks=distributed.ALONE):
     """One optimizer step; returns (mean loss, gradient norm before clipping, tokens).
 
     `model` is a GPT, or a parallel.ShardedGPT (the same pair, the batch split across
     threads); `batch(rng)` draws a micro-batch (idx, targets); `watch` is a NonfiniteWatch.
+    `ranks` is the job this process is one rank of (minillm/distributed.py): each rank
+    draws its own rows, and the ranks sum their weighted gradients. ALONE: this process only.
     """
-    batch_rng = stream_rng(cfg.seed, BATCH_STREAM, step)
-    loss, grads, tokens = 0.0, None, 0
-    for micro in range(cfg.grad_accum):
-        idx, targets = batch(batch_rng)
-        model.reseed(stream_seed(cfg.seed, DROPOUT_STREAM, step, micro))  # this micro-batch's dropout masks
+    keys = (step, *ranks.stream_keys)  # several ranks: (step, rank), so each draws its own rows and masks
+    batch_rng = stream_rng(cfg.seed, BATCH_STREAM, *keys)
+    micro_batches = [batch(batch_rng) for _ in range(cfg.grad_accum)]
+    weights, tokens = ranks.weigh(micro_batches)  # each micro-batch's share of the step: 1/grad_accum alone
+    loss, grads = 0.0, None
+    for micro, ((idx, targets), weight) in enumerate(zip(micro_batches, weights)):
+        model.reseed(stream_seed(cfg.seed, DROPOUT_STREAM, *keys, micro))  # this micro-batch's dropout masks
         _, micro_loss = model(idx, targets)
-        grads = add_gradients(grads, model.backward())
-        loss, tokens = loss + micro_loss / cfg.grad_accum, tokens + idx.size
-    if cfg.grad_accum > 1:
-        for g in grads.values():
-            g *= 1.0 / cfg.grad_accum  # the mean over micro-batches
-    grad_norm = clip_grad_norm(grads, cfg.grad_clip)
+        grads = add_gradients(grads, model.backward(), weight)
+        loss = loss + weight * micro_loss
+    loss, grads = ranks.sum_gradients(loss, grads)  # one allreduce over the ranks (none alone)
+    grad_norm = clip_grad_norm(grads, cfg.grad_clip, ranks.across_shards)
     watch.step_done(step, loss, grad_norm, grads)  # a non-finite step stops here, before its update
     optimizer.step(grads, lr=learning_rate(step, cfg))
     return loss, grad_norm, tokens
 
 
-def add_gradients(total, grads):
-    """total + grads, added into total's arrays (total None: grads itself)."""
-    if total is None:
-        return grads
+def add_gradients(total, grads, weight=1.0):
+    """total + weight * grads, added into total's arrays (total None: weight * grads, in grads' arrays)."""
     for name, g in grads.items():
-        total[name] += g
-    return total
+        if weight != 1.0:
+            g *= weight
+        if total is not None:
+            total[name] += g
+    return grads if total is None else total
 
 
 def learning_rate(step, cfg):
@@ -145,6 +154,7 @@ class TrainConfig:
     dtype: str = "float32"
     threads: int = 0  # 0: one per CPU core (1 on a GPU)
     reference: bool = False  # run on the reference layers (minillm.layers) instead of the fast ones
+    zero: int = 0  # 1: on several ranks, shard AdamW's moments across them (ZeRO stage 1, minillm/zero.py)
 
 
 TRAIN_FIELDS = {field.name: field.type for field in fields(TrainConfig)}
@@ -259,6 +269,8 @@ def validate(cfg):
         GPTConfig(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1, lora_targets=cfg.lora_targets)
     except ConfigError as err:
         raise ConfigError(f"--lora-targets: {err}") from None
+    if cfg.zero not in (0, 1):
+        raise ConfigError(f"--zero must be 0 (off) or 1 (AdamW's moments sharded across the ranks), got {cfg.zero}")
     backend.dtype_of(cfg.dtype)
 
 
@@ -300,14 +312,16 @@ def load_corpus(cfg):
 
 
 def prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir):
-    """(train split, val split, what they hold, batch(split, rng) -> (x, y)) for text or --sft examples."""
+    """(train split, val split, what they hold, batch(split, rng, rows=--batch-size) -> (x, y)) for text or
+    --sft examples. With out_dir None the token files are kept in memory, not written."""
     if examples is None:
         train_split, val_split = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size, source=corpus_name)
         summary = f"{len(text):,} characters, {len(train_split):,} train and {len(val_split):,} val tokens"
-        return train_split, val_split, summary, lambda split, rng: data.get_batch(split, cfg.batch_size, cfg.block_size, rng)
+        return train_split, val_split, summary, \
+            lambda split, rng, rows=cfg.batch_size: data.get_batch(split, rows, cfg.block_size, rng)
     train_split, val_split = sft.prepare_splits(examples, tokenizer, cfg.block_size, cfg.sft)
     summary = f"{len(train_split):,} train and {len(val_split):,} val prompt/completion pairs"
-    return train_split, val_split, summary, lambda split, rng: sft.get_batch(split, cfg.batch_size, rng)
+    return train_split, val_split, summary, lambda split, rng, rows=cfg.batch_size: sft.get_batch(split, rows, rng)
 
 
 def sample_text(model, tokenizer, n_tokens, seed):
@@ -351,7 +365,7 @@ def frozen_names(model, cfg):
     return frozen
 
 
-def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
+def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distributed.ALONE):
     """(model, optimizer, start step, best val loss, evaluations since the best): fresh, from
     pretrained weights, or from last.npz.
 
@@ -392,8 +406,11 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained):
         start_step, best_val, since_best = resume_point(meta)
     model.reference = cfg.reference
     model.frozen = frozen_names(model, cfg)
-    optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                      reference=cfg.reference)
+    options = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, reference=cfg.reference)
+    if cfg.zero and world.size > 1:
+        optimizer = ShardedAdamW(model, world, **options)
+    else:
+        optimizer = AdamW(model.trainable_params(), **options)
     if optimizer_state is not None:
         try:
             optimizer.load_state_dict(optimizer_state)
@@ -419,6 +436,7 @@ class Run:
     """A training run once set up: what the loop works on and what it keeps track of."""
 
     cfg: TrainConfig
+    world: distributed.World  # the ranks of the job (ALONE: this process only)
     device: str
     out_dir: Path
     tokenizer: object
@@ -440,10 +458,19 @@ class Run:
     def last_path(self):
         return self.out_dir / LAST_CHECKPOINT
 
+    @property
+    def ranks(self):
+        """The world as train_step sees it: with --zero 1 the optimizer keeps a part of each gradient."""
+        return self.world.sharing(self.optimizer) if isinstance(self.optimizer, ShardedAdamW) else self.world
+
     def save(self, path, **extra):
+        """Write a checkpoint from rank 0; every rank must call this (with --zero 1 the moments are gathered)."""
+        optimizer_state = self.optimizer.state_dict()
+        if not self.world.is_main:
+            return
         checkpoint.save(
-            path, self.model, self.tokenizer, self.optimizer, step=self.step, best_val_loss=self.best_val,
-            evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
+            path, self.model, self.tokenizer, optimizer_state=optimizer_state, step=self.step,
+            best_val_loss=self.best_val, evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
         )
 
 
@@ -452,36 +479,74 @@ class Run:
 @numpy.errstate(over="ignore", invalid="ignore")
 def train(cfg):
     """Run training as configured; returns the best model (reloaded from its checkpoint), or None
-    when Ctrl-C stopped it (the state is saved for --resume)."""
+    when Ctrl-C stopped it (the state is saved for --resume); on the ranks other than rank 0,
+    their model as trained.
+
+    Started by mpiexec, this process is one rank of a data-parallel job (minillm/distributed.py).
+    """
+    world = distributed.join()
+    with contextlib.ExitStack() as held:
+        if not world.is_main:  # only rank 0 prints
+            held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))
+        # Every rank sets up; if that fails on any of them, all stop (the first failed rank says why).
+        cfg, run = world.together(lambda: start(cfg, world, held))
+        if run.device == "cuda":
+            world.connect_gpus()
+        started = time.perf_counter()
+        start_step = run.step
+        progress = Progress(cfg, start_step, run.out_dir) if world.is_main else Silent()
+        try:
+            with ctrl_c_requests_stop() as stop_requested:
+                outcome = loop(run, progress, stop_requested)
+        except TrainingError as err:  # a non-finite step: every rank saw the same summed numbers
+            err.every_rank, err.reported_elsewhere = True, not world.is_main
+            raise
+        finally:
+            progress.close()
+        if outcome is None:
+            return None
+        if not world.is_main:
+            return run.model  # rank 0 alone reloads the best checkpoint and reports
+        return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
+
+
+def start(cfg, world, held):
+    """(cfg with its thread count settled, the Run set up): the out dir prepared and locked (by rank 0,
+    the lock held until `held` closes), the data, model and optimizer ready."""
     validate(cfg)
     device = backend.resolve_device(cfg.device)
+    if world.comm is not None:
+        if device == "cuda":
+            world.take_gpu()
+        world.rows(cfg.batch_size)  # fails here, before anything is written, when the batch cannot be split
+        if cfg.log_layers and cfg.zero and world.size > 1:
+            raise ConfigError("--log-layers measures whole gradients, and with --zero 1 each rank holds a part "
+                              "of them: leave one of the two out")
+    if cfg.zero and world.size == 1:
+        print("note: --zero 1 shards the optimizer state across processes; this run has one, so it has nothing to "
+              "shard (start several with mpiexec -n N)")
     # A concrete thread count, saved with the run: the dropout masks depend on how the batch is split.
-    cfg = replace(cfg, threads=cfg.threads or (parallel.usable_cores() if device == "cpu" else 1))
+    cores = world.cores(parallel.usable_cores())
+    cfg = replace(cfg, threads=cfg.threads or (cores if device == "cpu" else 1))
+    if world.comm is not None and device == "cpu":
+        # One rank's matrix products use its share of the cores, not every core of the machine.
+        held.enter_context(threadpool_limits(limits=cores, user_api="blas"))
     out_dir = Path(cfg.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
+    if world.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
     parallel.keep_freed_memory()
-    with checkpoint.exclusive(out_dir):
+    if world.is_main:
+        held.enter_context(checkpoint.exclusive(out_dir))
         # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).
         refuse_another_run(cfg, out_dir)
         checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + data.TOKEN_FILES)
         if cfg.overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-        run = setup(cfg, device, out_dir)
-        started = time.perf_counter()
-        start_step = run.step
-        progress = Progress(cfg, start_step, out_dir)
-        try:
-            with ctrl_c_requests_stop() as stop_requested:
-                outcome = loop(run, progress, stop_requested)
-        finally:
-            progress.close()
-        if outcome is None:
-            return None
-        return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
+    return cfg, setup(cfg, device, out_dir, world)
 
 
 def refuse_another_run(cfg, out_dir):
@@ -530,8 +595,10 @@ def extend_vocabulary(model, tokenizer, text, seed):
     return extended, CharTokenizer(tokenizer.chars + added), added
 
 
-def setup(cfg, device, out_dir):
-    """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed."""
+def setup(cfg, device, out_dir, world=distributed.ALONE):
+    """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed.
+
+    Only rank 0 writes the token files; the other ranks keep theirs in memory."""
     text, corpus_name, examples = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
@@ -540,12 +607,15 @@ def setup(cfg, device, out_dir):
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
     try:
-        train_split, val_split, data_summary, batch = prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir)
+        train_split, val_split, data_summary, batch = prepare_batches(
+            cfg, text, corpus_name, examples, tokenizer, out_dir if world.is_main else None
+        )
     except UnknownCharactersError as err:
         if not pretrained:
             raise
         raise UnknownCharactersError(f"{err}; --extend-vocab adds them to the model as new tokens") from None
-    model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained)
+    model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained,
+                                                                         world)
     if resumed and not (out_dir / BEST_CHECKPOINT).exists():
         print(f"note: {out_dir / BEST_CHECKPOINT} is missing; the next evaluation writes a new one")
         best_val, since_best = math.inf, 0
@@ -561,15 +631,21 @@ def setup(cfg, device, out_dir):
         for name, split in (("train", train_split), ("val", val_split))
     }
     trainable = sum(int(p.size) for p in model.trainable_params().values())
+    sharded = isinstance(optimizer, ShardedAdamW)
+    adamw_mib = 2 * trainable * model.dtype.itemsize / 2**20 / (world.size if sharded else 1)
+    ranks = (f"{world.size} processes share" if world.size > 1 else "1 process takes") + \
+        f" each batch of {cfg.batch_size} rows ({world.rows(cfg.batch_size)} on rank 0); gradients summed through " \
+        f"{world.gradient_path.upper()}" + (", AdamW state sharded (--zero 1)" if sharded else "")
     print(
         f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
-        f"model: {model.num_params():,} parameters, {trainable:,} trainable "
-        f"(AdamW state {2 * trainable * model.dtype.itemsize / 2**20:.2f} MiB), on {device}"
+        + (f"ranks: {ranks}\n" if world.comm else "")
+        + f"model: {model.num_params():,} parameters, {trainable:,} trainable "
+        f"(AdamW state {adamw_mib:.2f} MiB" + (" per rank" if sharded else "") + f"), on {device}"
         + (" (CuPy is installed but sees no CUDA GPU)" if backend.auto_missed_a_gpu(cfg.device, device) else "") + " "
         f"({cfg.dtype}, {cfg.threads} threads" + (", reference layers" if cfg.reference else "") + ")"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
-    return Run(cfg, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches, held_out,
+    return Run(cfg, world, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches, held_out,
                start_step, best_val, since_best)
 
 
@@ -608,7 +684,8 @@ def loop(run, progress, stop_requested):
         watch.check()
 
     start_step, stopped_early = run.step, False
-    train_batch = lambda rng: run.batch(run.train_split, rng)
+    ranks, rows = run.ranks, run.world.rows(cfg.batch_size)  # rows: this rank's share of each batch
+    train_batch = lambda rng: run.batch(run.train_split, rng, rows)
     try:
         while True:
             step = run.step
@@ -625,7 +702,7 @@ def loop(run, progress, stop_requested):
                 )
             if stopped_early or step >= cfg.max_iters:
                 return losses, plotted
-            if stop_requested[0]:
+            if run.world.any(stop_requested[0]):  # the ranks stop together, at the same step
                 sync_point()
                 run.save(run.last_path)
                 progress.print(f"stopped at step {step}; saved {run.last_path}; continue with --resume")
@@ -634,7 +711,7 @@ def loop(run, progress, stop_requested):
             logged = (step + 1) % cfg.log_interval == 0 or step == start_step
             optimizer = layer_watch if logged and layer_watch else run.optimizer
             clock.start()
-            loss, grad_norm, tokens = train_step(model, optimizer, train_batch, step, cfg, watch)
+            loss, grad_norm, tokens = train_step(model, optimizer, train_batch, step, cfg, watch, ranks)
             clock.count(tokens)
             run.step = step + 1
             if logged:
@@ -659,11 +736,12 @@ def evaluate_and_keep_best(run, model, progress, start_step):
     cfg, step = run.cfg, run.step
     progress.print(f"step {step}: evaluating ({cfg.eval_iters} batches per split)")
     started = time.perf_counter()
-    losses = {name: estimate_loss(model, batches) for name, batches in run.eval_batches.items()}
+    losses = {name: estimate_loss(model, batches, run.world) for name, batches in run.eval_batches.items()}
     progress.record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
     progress.print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                    f"({time.perf_counter() - started:.1f} s)")
-    samples = show_samples(run, run.model, min(100, cfg.sample_tokens), stream_seed(cfg.seed, SAMPLE_STREAM, step))
+    samples = show_samples(run, run.model, min(100, cfg.sample_tokens) if run.world.is_main else 0,
+                           stream_seed(cfg.seed, SAMPLE_STREAM, step))
     if samples:
         progress.print(f"  {'held-out prompts' if run.held_out else 'sample'}:\n{samples}")
     if losses["val"] < run.best_val:
@@ -671,17 +749,21 @@ def evaluate_and_keep_best(run, model, progress, start_step):
         run.save(run.best_path, val_loss=run.best_val)
     elif step > start_step:
         run.since_best += 1
+    if not run.world.is_main:
+        return losses, False
     if cfg.log_layers:
         plot_layers(progress.log_path, run.out_dir / LAYERS_PLOT_FILE)
     return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
 
 
-def estimate_loss(model, batches):
-    """Mean loss over fixed batches with dropout off, as a Python float (one device sync)."""
+def estimate_loss(model, batches, world=distributed.ALONE):
+    """Mean loss over fixed batches with dropout off, as a Python float (one device sync).
+
+    On several ranks each evaluates every size-th batch, and the ranks sum their totals."""
     model.eval()
-    total = sum(model(idx, targets)[1] for idx, targets in batches)
+    total = sum(model(idx, targets)[1] for idx, targets in batches[world.rank::world.size])
     model.train()
-    return backend.to_float(total) / len(batches)
+    return float(world.allreduce(numpy.array([backend.to_float(total)]))[0]) / len(batches)
 
 
 def finish(run, start_step, seconds, log_path, losses, plotted):
