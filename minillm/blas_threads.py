@@ -23,6 +23,9 @@ import os
 import time
 
 LOOK_EVERY = 0.2  # seconds between readings of the cores' load
+# A core counts as taken when other programs keep it busy this share of the time: a quiet machine
+# reads up to half a core busy (10 ms clock ticks, the hypervisor's steal), a busy process a whole one.
+TAKEN = 0.75
 
 
 class CoreWatch:
@@ -47,7 +50,8 @@ class CoreWatch:
             return
         others_busy = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / wall  # in cores
         self.last = now
-        threads = max(1, min(self.most, round(self.cores - others_busy)))
+        taken = int(others_busy + 1 - TAKEN)  # the cores other programs keep busy TAKEN of the time or more
+        threads = max(1, min(self.most, self.cores - taken))
         if threads != self.threads:
             self.set_threads(threads)
             self.threads = threads

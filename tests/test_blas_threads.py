@@ -23,7 +23,7 @@ class Clock:
 
 
 @pytest.mark.parametrize("cores, others, expected", [
-    (2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.0, 1), (8, 3.0, 5), (8, 0.0, 8),
+    (2, 0.0, 2), (2, 0.5, 2), (2, 0.8, 1), (2, 1.0, 1), (2, 2.0, 1), (8, 3.0, 5), (8, 2.6, 6), (8, 0.0, 8),
 ])
 def test_threads_follow_the_cores_other_programs_leave_idle(monkeypatch, cores, others, expected):
     clock, chosen = Clock(), []
