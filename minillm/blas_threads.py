@@ -14,8 +14,9 @@ the products (their calls took 12.1 of the 14.3 s of a `baby` run).
 
 So while sampling on the CPU, the BLAS uses one thread per core that other
 programs leave idle. CoreWatch reads how busy the machine's cores have been
-(Linux's /proc/stat, less this process's own CPU time) a few times a second;
-elsewhere the BLAS keeps its own thread count.
+(Linux's /proc/stat, less this process's own CPU time) a few times a second,
+starting from the count the last sampling ended on (one thread, the count that
+is never much slower, before any); elsewhere the BLAS keeps its own thread count.
 """
 
 import contextlib
@@ -23,6 +24,8 @@ import os
 import time
 
 LOOK_EVERY = 0.2  # seconds between readings of the cores' load
+clock = time.monotonic
+LAST_CHOICE = {"threads": 1}  # the count the last sampling of this process ended on; one before any
 # A core counts as taken when other programs keep it busy this share of the time: a quiet machine
 # reads up to half a core busy (10 ms clock ticks, the hypervisor's steal), a busy process a whole one.
 TAKEN = 0.75
@@ -32,24 +35,24 @@ class CoreWatch:
     """Sets the BLAS thread count, at most `most`, to the cores other programs leave idle.
 
     set_threads(n) sets the count. Call update() between steps: it reads the load at
-    most every LOOK_EVERY seconds. Until the first reading, one thread: the count
-    that is never much slower, and far faster beside a busy program.
+    most every LOOK_EVERY seconds. Until the first reading, `start` threads.
     """
 
-    def __init__(self, most, set_threads, cores=None):
+    def __init__(self, most, set_threads, cores=None, start=1):
         self.most, self.set_threads = most, set_threads
         self.cores = cores or os.cpu_count() or 1
-        self.threads = 1
-        set_threads(1)
-        self.last = busy_seconds()
+        self.threads = min(start, most)
+        set_threads(self.threads)
+        self.last = (clock(), *busy_seconds())
 
     def update(self):
-        now = busy_seconds()
-        wall = now[0] - self.last[0]
+        now = clock()
+        wall = now - self.last[0]
         if wall < LOOK_EVERY:
             return
-        others_busy = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / wall  # in cores
-        self.last = now
+        busy, own = busy_seconds()
+        others_busy = ((busy - self.last[1]) - (own - self.last[2])) / wall  # in cores
+        self.last = (now, busy, own)
         taken = int(others_busy + 1 - TAKEN)  # the cores other programs keep busy TAKEN of the time or more
         threads = max(1, min(self.most, self.cores - taken))
         if threads != self.threads:
@@ -58,7 +61,7 @@ class CoreWatch:
 
 
 def busy_seconds():
-    """(wall clock, CPU seconds all cores were busy, CPU seconds of this process), in seconds.
+    """(CPU seconds all cores were busy, CPU seconds of this process).
 
     Busy is everything but idle and waiting for I/O; it counts time the hypervisor
     gave to other machines ("steal"), which is lost to us too.
@@ -68,7 +71,7 @@ def busy_seconds():
     user, nice, system, idle, iowait, irq, softirq, steal = ticks
     busy_ticks = user + nice + system + irq + softirq + steal
     own = os.times()
-    return time.monotonic(), busy_ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    return busy_ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 class Unwatched:
@@ -96,4 +99,9 @@ def watch_for(device):
         yield Unwatched()
         return
     with blas.limit(limits=most):  # restores every library's own count at the end
-        yield CoreWatch(most, lambda n: blas.limit(limits=n))
+        # Each sampling starts where the last one in this process ended: the load changes slowly.
+        watch = CoreWatch(most, lambda n: blas.limit(limits=n), start=LAST_CHOICE["threads"])
+        try:
+            yield watch
+        finally:
+            LAST_CHOICE["threads"] = watch.threads
