@@ -20,12 +20,11 @@ own update and changes no number, so a run with --log-layers takes exactly the s
 without it, and a run without it never builds one.
 """
 
-import json
 import math
-from pathlib import Path
 
 from minillm import backend
 from minillm.checkpoint import atomic_write
+from minillm.progress import entries_with
 
 PLOT_FILE = "layers.png"
 KINDS = {"attn": "attention", "mlp": "MLP", "ln": "LayerNorms"}  # the block's groups, as the picture titles them
@@ -85,15 +84,7 @@ class LayerWatch:
 
 def read_layers(log_path):
     """{step: {group: {"grad_norm", "update_ratio"}}} from the log's --log-layers entries."""
-    found = {}
-    for line in Path(log_path).read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed run
-        if isinstance(entry, dict) and "layers" in entry:
-            found[entry["step"]] = entry["layers"]  # a resumed run overwrites the steps it repeats
-    return found
+    return {step: entry["layers"] for step, entry in entries_with(log_path, "layers").items()}
 
 
 def plot_layers(log_path, png_path):

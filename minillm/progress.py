@@ -113,6 +113,19 @@ def lines_before(log_path, step):
     return kept
 
 
+def entries_with(log_path, key):
+    """{step: entry} of the log's entries that hold `key` (a later entry of the same step wins)."""
+    found = {}
+    for line in Path(log_path).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed run
+        if isinstance(entry, dict) and key in entry:
+            found[entry["step"]] = entry
+    return found
+
+
 def plot_losses(log_path, png_path):
     """Train and val loss against step, from the log; returns False when matplotlib is missing."""
     try:
@@ -122,14 +135,7 @@ def plot_losses(log_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    evals = {}
-    for line in Path(log_path).read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed run
-        if "val_loss" in entry:
-            evals[entry["step"]] = entry  # a resumed run overwrites the steps it repeats
+    evals = entries_with(log_path, "val_loss")
     steps = sorted(evals)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [evals[s]["train_loss"] for s in steps], label="train")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the `xp_device` parametrisation over the CPU and a CUDA GPU, and the hypothesis profile.
+"""Shared fixtures: the `xp_device` parametrisation over the CPU and a CUDA GPU, a small corpus, and the
+hypothesis profile.
 
 `xp_device` runs a test once per backend, "cpu" (NumPy) and "cuda" (CuPy); the
 CUDA case is skipped unless CuPy is installed and sees a GPU. The hypothesis
@@ -13,7 +14,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from minillm import backend
+from minillm import backend, data
 
 settings.register_profile(
     "minillm", deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow]
@@ -28,3 +29,11 @@ def xp_device(request):
     if request.param == "cuda" and not backend.cuda_available():
         pytest.skip("needs CuPy and a CUDA GPU")
     return request.param
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file of the built-in corpus: training on it takes well under a second."""
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(data.builtin_corpus()[:20_000])
+    return path

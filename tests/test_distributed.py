@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from minillm import checkpoint, data, distributed, training
+from minillm import checkpoint, distributed, training
 from minillm.model import GPT
 from minillm.optim import AdamW
 from minillm.readback import NonfiniteWatch
@@ -43,13 +43,6 @@ TINY = dict(
 
 def flags(**overrides):
     return [f for name, value in {**TINY, **overrides}.items() for f in (f"--{name.replace('_', '-')}", str(value))]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(data.builtin_corpus()[:20_000])
-    return path
 
 
 def without_launcher():

@@ -10,7 +10,7 @@ import json
 import numpy
 import pytest
 
-from minillm import backend, checkpoint, data, training
+from minillm import backend, checkpoint, training
 from minillm.health import LayerWatch, group_of
 from minillm.model import GPT, GPTConfig, parameter_shapes
 from minillm.optim import AdamW
@@ -71,13 +71,6 @@ def test_norms_are_those_of_the_models_gradients_and_ratios_those_of_the_step(tm
         assert measured["update_ratio"] == pytest.approx(group_norm(change, group) / group_norm(before, group),
                                                          rel=1e-9)
     assert sum(m["grad_norm"] ** 2 for m in layers.values()) == pytest.approx(float(grad_norm) ** 2, rel=1e-9)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(data.builtin_corpus()[:20_000])
-    return path
 
 
 def log_entries(out):

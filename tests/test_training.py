@@ -33,14 +33,6 @@ def tiny_flags(**overrides):
     return flags
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small text file: training on it takes well under a second."""
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(data.builtin_corpus()[:20_000])
-    return path
-
-
 def saved_arrays(path):
     arrays, meta = checkpoint.read_arrays(path)
     return arrays, meta
