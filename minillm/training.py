@@ -566,16 +566,17 @@ def tell_pretrained(cfg, model, tokenizer, text):
     """Print what --init-from loaded; with --extend-vocab, add the text's new characters as tokens.
 
     Returns (model, tokenizer)."""
-    c = model.config
-    print(f"init from {cfg.init_from}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, context "
-          f"{c.block_size}, {model.num_params():,} parameters, {tokenizer.kind} vocabulary of {tokenizer.vocab_size}")
+    shape = model.config
+    print(f"init from {cfg.init_from}: {shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} channels, "
+          f"context {shape.block_size}, {model.num_params():,} parameters, {tokenizer.kind} vocabulary of "
+          f"{tokenizer.vocab_size}")
     if not cfg.extend_vocab:
         return model, tokenizer
     if not isinstance(tokenizer, CharTokenizer):
         raise ConfigError(f"--extend-vocab adds characters to a character vocabulary; {cfg.init_from} has a "
                           f"{tokenizer.kind} one, which encodes any text: leave the option out")
     model, tokenizer, added = extend_vocabulary(model, tokenizer, text, cfg.seed)
-    shown = ", ".join(repr(c) for c in added[:10]) + (f" and {len(added) - 10} more" if len(added) > 10 else "")
+    shown = ", ".join(map(repr, added[:10])) + (f" and {len(added) - 10} more" if len(added) > 10 else "")
     print(f"vocabulary extended by {len(added)} characters" + (f": {shown}" if added else ""))
     return model, tokenizer
 
