@@ -15,7 +15,8 @@ from pathlib import Path
 
 from minillm import backend, checkpoint, cli, data, distributed, files
 from minillm.model import ConfigError
-from minillm.training import LAST_CHECKPOINT, PRESETS, TrainConfig, field_problem, flag, train
+from minillm.options import PRESETS, TrainConfig, field_problem, flag
+from minillm.training import LAST_CHECKPOINT, train
 
 HELP = {
     "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minillm import checkpoint, cli, evaluate, generate_cli, gradcheck, hf, sft, train_cli, training
+from minillm import checkpoint, cli, evaluate, generate_cli, gradcheck, hf, options, sft, train_cli, training
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
 from minillm.training import TrainConfig
@@ -236,7 +236,7 @@ def test_a_config_file_value_of_any_json_type_is_taken_only_if_of_the_option_typ
     try:
         with deadline(10):
             cfg = train_cli.resolve_config(args)
-            training.validate(cfg)
+            options.validate(cfg)
     except (ConfigError, checkpoint.CheckpointError) as err:
         assert len(str(err).splitlines()) == 1, str(err)
         return
@@ -437,10 +437,10 @@ def test_a_numeric_sampling_option_of_any_size_samples_or_is_refused_in_one_line
 def test_the_learning_rate_floor_never_exceeds_the_peak(lr, min_lr):
     cfg = TrainConfig(lr=lr, min_lr=min_lr)
     if min_lr <= lr:
-        training.validate(cfg)
+        options.validate(cfg)
     else:
         with pytest.raises(ConfigError, match="--min-lr"):
-            training.validate(cfg)
+            options.validate(cfg)
 
 
 # ---------------------------------------------------------------- empty and conflicting options
