@@ -373,6 +373,20 @@ def load(path, device="cpu"):
     return model, tokenizer, meta, optimizer_state
 
 
+def load_merged(path, device, other_ways):
+    """(model, tokenizer) of a checkpoint file, its LoRA adapters merged: the same logits, without
+    forming the adapted weights at every token, for sampling and looking inside.
+
+    A path that does not exist is named with how to get a checkpoint (`other_ways`: the
+    command's other options that name a model); anything else there is the reader's to describe.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: no such checkpoint file; train one with `python train.py`, or pass {other_ways}")
+    model, tokenizer, _, _ = load(path, device=device)
+    return model.merged(), tokenizer
+
+
 def load_pretrained(path, device="cpu", dtype="float32"):
     """(model, tokenizer) from a minillm checkpoint file or a Hugging Face GPT-2 directory.
 

@@ -217,11 +217,4 @@ def load_model(args):
     if args.init_from:
         return checkpoint.load_pretrained(args.init_from, device=device)
     ckpt = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
-    if not ckpt.exists() and not ckpt.is_symlink():
-        raise checkpoint.CheckpointError(
-            f"{ckpt}: no such checkpoint file; train one with `python train.py`, "
-            "or pass --ckpt PATH, --out-dir DIR or --init-from GPT2_DIR"
-        )
-    model, tokenizer, _, _ = checkpoint.load(ckpt, device=device)
-    # Merged adapters give the same logits, without forming the adapted weights at every token.
-    return model.merged(), tokenizer
+    return checkpoint.load_merged(ckpt, device, "--ckpt PATH, --out-dir DIR or --init-from GPT2_DIR")

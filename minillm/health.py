@@ -24,7 +24,7 @@ import math
 
 from minillm import backend
 from minillm.checkpoint import atomic_write
-from minillm.progress import entries_with
+from minillm.progress import entries_with, pyplot
 
 PLOT_FILE = "layers.png"
 KINDS = {"attn": "attention", "mlp": "MLP", "ln": "LayerNorms"}  # the block's groups, as the picture titles them
@@ -92,12 +92,8 @@ def plot_layers(log_path, png_path):
 
     Returns False when matplotlib is missing or the log has no --log-layers entries yet.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     found = read_layers(log_path)
     if not found:

@@ -138,13 +138,7 @@ def load_model(args):
     device = backend.resolve_device(args.device)
     if args.init_from:
         return checkpoint.load_pretrained(args.init_from, device=device)
-    if not Path(args.ckpt).is_file():
-        raise checkpoint.CheckpointError(
-            f"{args.ckpt}: no such checkpoint file; train one with `python train.py`, "
-            "or pass --ckpt PATH or --init-from GPT2_DIR"
-        )
-    model, tokenizer = checkpoint.load_pretrained(args.ckpt, device=device)
-    return model.merged(), tokenizer
+    return checkpoint.load_merged(args.ckpt, device, "--ckpt PATH or --init-from GPT2_DIR")
 
 
 def check_choice(parser, flag, value, count, what):

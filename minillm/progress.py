@@ -126,14 +126,22 @@ def entries_with(log_path, key):
     return found
 
 
-def plot_losses(log_path, png_path):
-    """Train and val loss against step, from the log; returns False when matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot drawing into files (the Agg backend), or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_losses(log_path, png_path):
+    """Train and val loss against step, from the log; returns False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     evals = entries_with(log_path, "val_loss")
     steps = sorted(evals)
