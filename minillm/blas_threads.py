@@ -13,65 +13,83 @@ threads against 300 on one, GPT-2 small 5 to 13 against 23; the time went inside
 the products (their calls took 12.1 of the 14.3 s of a `baby` run).
 
 So while sampling on the CPU, the BLAS uses one thread per core that other
-programs leave idle. CoreWatch reads how busy the machine's cores have been
-(Linux's /proc/stat, less this process's own CPU time) a few times a second,
-starting from the count the last sampling ended on (one thread, the count that
-is never much slower, before any); elsewhere the BLAS keeps its own thread count.
+programs leave idle. CoreWatch reads how long the machine's cores have been idle
+(Linux's /proc/stat) and this process's own CPU time every LOOK_EVERY seconds;
+what is neither is other programs' work. The kernel measures idle time rather
+than sampling it at the clock's ticks as it does busy time, so short readings
+hold: in 50 ms windows on 2 cores a quiet machine read between -0.18 and 0.06
+cores busy, one busy process 1.00 to 1.02 (busy time read 0.2 cores off either
+way). A core counts as taken when other programs use TAKEN of it. The threshold is low on purpose: while our own
+threads compete for a core with another program, the scheduler gives that program
+only its fair share (about 2/3 of a core beside our 2 threads on 2 cores), and
+that share must still read as taken.
+
+One watch serves every sampling of the process: each starts on the count the last
+one ended on, and at once on a new count when the load seen since then (LOOK_EVERY
+or more of it) says so. The first sampling judges the load since this module was
+imported. Elsewhere the BLAS keeps its own thread count.
 """
 
 import contextlib
 import os
 import time
 
-LOOK_EVERY = 0.2  # seconds between readings of the cores' load
+LOOK_EVERY = 0.05  # seconds between readings of the cores' load
+TAKEN = 0.25  # the share of a core that other programs must keep busy for it to count as taken
 clock = time.monotonic
-LAST_CHOICE = {"threads": 1}  # the count the last sampling of this process ended on; one before any
-# A core counts as taken when other programs keep it busy this share of the time: a quiet machine
-# reads up to half a core busy (10 ms clock ticks, the hypervisor's steal), a busy process a whole one.
-TAKEN = 0.75
+
+
+def idle_seconds():
+    """(CPU seconds all cores were idle or waiting for I/O, CPU seconds of this process).
+
+    Time the hypervisor gave to other machines ("steal") is not idle: it is lost to us too.
+    """
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:6]]
+    idle, iowait = ticks[3], ticks[4]
+    return (idle + iowait) / os.sysconf("SC_CLK_TCK"), time.process_time()
 
 
 class CoreWatch:
-    """Sets the BLAS thread count, at most `most`, to the cores other programs leave idle.
+    """How many cores other programs leave idle (at least 1: ours), read at most every LOOK_EVERY seconds.
 
-    set_threads(n) sets the count. Call update() between steps: it reads the load at
-    most every LOOK_EVERY seconds. Until the first reading, `start` threads.
+    Until the first reading, 1: the count that is never much slower.
     """
 
-    def __init__(self, most, set_threads, cores=None, start=1):
-        self.most, self.set_threads = most, set_threads
+    def __init__(self, cores=None):
         self.cores = cores or os.cpu_count() or 1
-        self.threads = min(start, most)
-        set_threads(self.threads)
-        self.last = (clock(), *busy_seconds())
+        self.idle_cores = 1
+        self.last = (clock(), *idle_seconds())
 
     def update(self):
+        """Reads the load if LOOK_EVERY or more has passed since the last reading; returns idle_cores."""
         now = clock()
         wall = now - self.last[0]
-        if wall < LOOK_EVERY:
-            return
-        busy, own = busy_seconds()
-        others_busy = ((busy - self.last[1]) - (own - self.last[2])) / wall  # in cores
-        self.last = (now, busy, own)
-        taken = int(others_busy + 1 - TAKEN)  # the cores other programs keep busy TAKEN of the time or more
-        threads = max(1, min(self.most, self.cores - taken))
+        if wall >= LOOK_EVERY:
+            idle, own = idle_seconds()
+            others_busy = self.cores - ((idle - self.last[1]) + (own - self.last[2])) / wall  # in cores
+            self.last = (now, idle, own)
+            taken = int(others_busy + 1 - TAKEN)  # the cores other programs keep busy TAKEN of the time or more
+            self.idle_cores = max(1, self.cores - taken)
+        return self.idle_cores
+
+
+class Threads:
+    """Keeps the BLAS thread count, at most `most`, at the idle cores the watch sees: call update() between steps.
+
+    set_threads(n) sets the count.
+    """
+
+    def __init__(self, watch, most, set_threads):
+        self.watch, self.most, self.set_threads = watch, most, set_threads
+        self.threads = None
+        self.update()
+
+    def update(self):
+        threads = min(self.most, self.watch.update())
         if threads != self.threads:
             self.set_threads(threads)
             self.threads = threads
-
-
-def busy_seconds():
-    """(CPU seconds all cores were busy, CPU seconds of this process).
-
-    Busy is everything but idle and waiting for I/O; it counts time the hypervisor
-    gave to other machines ("steal"), which is lost to us too.
-    """
-    with open("/proc/stat") as stat:
-        ticks = [int(field) for field in stat.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = ticks
-    busy_ticks = user + nice + system + irq + softirq + steal
-    own = os.times()
-    return busy_ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 class Unwatched:
@@ -81,14 +99,17 @@ class Unwatched:
         pass
 
 
+WATCH = CoreWatch() if os.path.exists("/proc/stat") else None
+
+
 @contextlib.contextmanager
 def watch_for(device):
-    """A CoreWatch for sampling on this device, the BLAS thread count restored afterwards.
+    """Threads for sampling on this device, the BLAS thread count restored afterwards.
 
     Nothing to do on a GPU, where no BLAS thread runs, where the CPU BLAS already
     runs on one thread (one core, or OMP_NUM_THREADS=1), or without /proc/stat.
     """
-    if device != "cpu" or not os.path.exists("/proc/stat"):
+    if device != "cpu" or WATCH is None:
         yield Unwatched()
         return
     from threadpoolctl import ThreadpoolController
@@ -99,9 +120,4 @@ def watch_for(device):
         yield Unwatched()
         return
     with blas.limit(limits=most):  # restores every library's own count at the end
-        # Each sampling starts where the last one in this process ended: the load changes slowly.
-        watch = CoreWatch(most, lambda n: blas.limit(limits=n), start=LAST_CHOICE["threads"])
-        try:
-            yield watch
-        finally:
-            LAST_CHOICE["threads"] = watch.threads
+        yield Threads(WATCH, most, lambda n: blas.limit(limits=n))
