@@ -232,6 +232,7 @@ def test_attention_dropout_draws_the_reference_mask(B, T, n_head, query_block, s
 
 @given(B=st.integers(1, 2), n_head=st.integers(1, 3), hs=st.integers(1, 3), T=st.integers(1, 9),
        cuts=st.lists(st.integers(1, 8), max_size=4), query_block=st.integers(1, 4), dtype=DTYPE, seed=SEED)
+@example(B=2, n_head=3, hs=2, T=5, cuts=[1, 2, 3, 4], query_block=4, dtype="float64", seed=0)  # one token a step
 def test_kv_cache_decoding_gives_the_same_outputs(B, n_head, hs, T, cuts, query_block, dtype, seed):
     x, w_attn, b_attn, w_proj, b_proj, *_ = attention_args(B, T, n_head, hs, True, dtype, seed)()
     bounds = sorted({0, T, *(c for c in cuts if c < T)})

@@ -25,6 +25,13 @@ GPU:      the scaling and the mask are one fused kernel (backend.fuse), as are t
 KVCache:  k and v are allocated once for the whole capacity and each step's new rows are
           written into place, where concatenating onto the past copies the whole past
           every step.
+one new position: a decoding step's single query sees every cached key, so it skips
+          the loop (one_new_position): no mask, no blocks, and P @ v has the heads in
+          y's order already. With q, k, v split from qkv by one reshape (the loop's
+          path too), this made a whole decoding step 5% faster: a 4/4/128 model, 256
+          greedy tokens, median of 9 interleaved runs against the version without
+          both, new / old time 0.95 with GPT-2's vocabulary on 2 BLAS threads, 0.95
+          and 0.96 with a 103-token vocabulary on one (2026-11-30, 2-core CPU).
 
 Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, default
 query_block, no dropout, one BLAS thread as in training's shard threads, median over 15 interleaved
@@ -115,7 +122,7 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     `query_block`: queries per causal block (see the module docstring).
     """
     xp = get_array_module(x)
-    C = x.shape[-1]
+    B, T, C = x.shape
     if C % n_head:
         raise ValueError(f"n_embd {C} is not divisible by n_head {n_head}")
     if not 0.0 <= dropout_p < 1.0:
@@ -123,12 +130,14 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
     scale = 1.0 / math.sqrt(C // n_head)
 
     qkv, qkv_cache = linear.forward(x, w_attn, b_attn)
-    q, k, v = (split_heads(qkv[..., i * C : (i + 1) * C], n_head) for i in range(3))  # views, as xp.split's, sooner
+    q, k, v = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # views: split and heads at once
     if kv_cache is not None:
         k, v = kv_cache.append(k, v)
-    B, T, past = x.shape[0], x.shape[1], k.shape[2] - x.shape[1]
+    past = k.shape[2] - T
     # The reference's one draw for all the weights; each block takes its slice.
     u = rng.uniform((B, n_head, T, past + T), x.dtype) if dropout_p > 0.0 and rng is not None else None
+    if kv_cache is not None and T == 1 and u is None and keep_weights is None:
+        return one_new_position(q, k, v, scale, w_proj, b_proj), None
     # Y = Pd @ v is written with the heads already side by side (y[b, t, h] = Y[b, h, t]): no merge copy.
     y = xp.empty((B, T, n_head, C // n_head), dtype=x.dtype)
     Y = y.transpose(0, 2, 1, 3)
@@ -164,6 +173,22 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
         return out, None
     cache = (qkv_cache, q, k, v, blocks, proj_cache, scale)
     return out, cache
+
+
+def one_new_position(q, k, v, scale, w_proj, b_proj):
+    """forward()'s output (B, 1, C) for a decoding step: one new position after the cached ones.
+
+    The loop's single block without what one query does not need: it sees every
+    key, so there is no mask; nothing is kept; and Y (B, n_head, 1, hs) already
+    holds the heads in y's order, so a reshape merges them where the loop writes
+    through a transposed view.
+    """
+    B, n_head, _, hs = q.shape
+    S = q @ k.transpose(0, 1, 3, 2)
+    S *= scale
+    P, _ = softmax.forward(S)
+    out, _ = linear.forward((P @ v).reshape(B, 1, n_head * hs), w_proj, b_proj)
+    return out
 
 
 def backward(dout, cache, weight_grads=True):

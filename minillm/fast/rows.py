@@ -10,12 +10,20 @@ fast/softmax.py; the reference layers use a.sum and a.mean).
 The result keeps a last axis of 1, so it broadcasts against a.
 """
 
+import functools
+
 from minillm.backend import get_array_module
 
 
+@functools.lru_cache(maxsize=32)
+def ones(n, dtype, xp):
+    """A vector of n ones. Built once per length and shared (callers only read it): a fresh one
+    each call costs more than the product itself for a decoding step's single row."""
+    return xp.ones(n, dtype=dtype)
+
+
 def row_sums(a):
-    xp = get_array_module(a)
-    return (a @ xp.ones(a.shape[-1], dtype=a.dtype))[..., None]
+    return (a @ ones(a.shape[-1], a.dtype, get_array_module(a)))[..., None]
 
 
 def row_means(a):
