@@ -3,14 +3,14 @@
     python -m minillm.bench.sampling [--write]
 
 Greedy decoding, batch 1, a one-token prompt, float32, random weights (the speed
-does not depend on them). In each round the cached run, the uncached run, the
-same sample drawn by Hugging Face transformers (when it is installed: in a
-process of its own, from the same weights written by save_pretrained) and the
-cached run again beside a process that keeps one core busy are timed in turn,
-so that a slow spell of the machine falls on all of them alike; the table gives
-medians over the rounds. Beside the busy process the cached run is also timed
-with the BLAS thread count left as it is (threads_unwatched), as sampling ran
-before minillm.blas_threads. --write puts the table into BENCHMARKS.md.
+does not depend on them). In each round the cached run beside a process that
+keeps one core busy, the uncached run, the cached run and the same sample drawn
+by Hugging Face transformers (when it is installed: in a process of its own,
+from the same weights written by save_pretrained) are timed in turn, so that a
+slow spell of the machine falls on all of them alike; the table gives medians
+over the rounds. Beside the busy process the cached run is also timed with the
+BLAS thread count left as it is (threads_unwatched), as sampling ran before
+minillm.blas_threads. --write puts the table into BENCHMARKS.md.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy
+from threadpoolctl import threadpool_limits
 
 from minillm import blas_threads, data
 from minillm.bench.common import format_table, write_section
@@ -44,8 +45,8 @@ def cases():
     return [
         ("baby", GPTConfig(vocab_size=char_vocab, block_size=64, **baby), 256, 5),
         ("baby, block 320", GPTConfig(vocab_size=char_vocab, block_size=320, **baby), 256, 5),
-        ("baby, GPT-2 vocabulary", GPTConfig(vocab_size=GPT2_VOCAB, block_size=1024, **baby), 256, 3),
-        ("GPT-2 small", GPTConfig(vocab_size=GPT2_VOCAB, block_size=1024, n_layer=12, n_head=12, n_embd=768), 64, 3),
+        ("baby, GPT-2 vocabulary", GPTConfig(vocab_size=GPT2_VOCAB, block_size=1024, **baby), 256, 5),
+        ("GPT-2 small", GPTConfig(vocab_size=GPT2_VOCAB, block_size=1024, n_layer=12, n_head=12, n_embd=768), 64, 5),
     ]
 
 
@@ -94,21 +95,21 @@ def measure(model, new_tokens, rounds, reference=None):
     for use_cache in (True, False):  # warm-up: memory allocator, BLAS threads
         generate(model, prompt, 4, temperature=0, use_cache=use_cache)
     seconds = {"cached": [], "uncached": [], "transformers": [], "busy": [], "busy, unwatched": []}
-    first, differed = None, set()
+    tokens = {}  # column: the tokens of each quiet run
     for _ in range(rounds):
-        for column, run in (("cached", ours(True)), ("uncached", ours(False)),
-                            ("transformers", reference.run if reference else None)):
-            if run:
-                time_taken, tokens = run()
-                seconds[column].append(time_taken)
-                first = tokens if first is None else first
-                if tokens != first:
-                    differed.add(column)
+        # The busy runs first: each run compared with transformers' then follows a quiet one, as transformers' does.
         with busy_core():
             seconds["busy"].append(ours(True)()[0])
             with threads_unwatched():
                 seconds["busy, unwatched"].append(ours(True)()[0])
-    return seconds, sorted(differed)
+        for column, run in (("uncached", ours(False)), ("cached", ours(True)),
+                            ("transformers", reference.run if reference else None)):
+            if run:
+                time_taken, chosen = run()
+                seconds[column].append(time_taken)
+                tokens.setdefault(column, []).append(chosen)
+    first = tokens["cached"][0]
+    return seconds, sorted(column for column, runs in tokens.items() if any(chosen != first for chosen in runs))
 
 
 def row(name, config, new_tokens, rounds, transformers):
@@ -140,12 +141,14 @@ def row(name, config, new_tokens, rounds, transformers):
     ]
 
 
-def weight_stream_rate(config, repeat=10):
-    """Bytes per second at which a matrix-vector product reads the model's largest matrix (the LM head)."""
+def weight_stream_rate(config, threads=None, repeat=10):
+    """Bytes per second at which a matrix-vector product reads the model's largest matrix (the LM head),
+    on `threads` BLAS threads (None: the BLAS's own count)."""
     wte = numpy.random.default_rng(0).standard_normal((config.vocab_size, config.n_embd), dtype=numpy.float32)
     x = numpy.ones((1, config.n_embd), dtype=numpy.float32)
-    x @ wte.T
-    return wte.nbytes / statistics.median(timed(lambda: x @ wte.T)[0] for _ in range(repeat))
+    with threadpool_limits(threads, user_api="blas"):
+        x @ wte.T
+        return wte.nbytes / statistics.median(timed(lambda: x @ wte.T)[0] for _ in range(repeat))
 
 
 def main(argv=None):
@@ -161,17 +164,19 @@ def main(argv=None):
     table = format_table(HEADERS, rows)
     gpt2 = cases()[-1][1]
     weight_bytes = 4 * GPT(gpt2, seed=0, dtype="float32").num_params()
-    rate = weight_stream_rate(gpt2)
+    rate, one_core_rate = weight_stream_rate(gpt2), weight_stream_rate(gpt2, threads=1)
     version = f"version {transformers}" if transformers else "not installed"
     notes = f"""
 Greedy, batch 1, a one-token prompt, float32, random weights; medians over the rounds. In each round
-the cached run, the uncached run, transformers' `generate` (with its KV cache, in a process of its
-own; {version}) and the cached run beside a process that keeps one core busy take turns.
-"vs transformers": the median of the rounds' transformers time / cached time (above 1: minillm is
-faster). "slowdown": the median of the rounds' busy / quiet time of the cached run. "busy, threads
-unwatched": the cached run beside the busy process with the BLAS keeping its own thread count (all
-cores), as sampling ran before minillm/blas_threads.py. "same tokens": every run of the row chose the
-tokens of the first cached run (or which runs did not).
+the cached run beside a process that keeps one core busy (with the BLAS threads watched, then
+unwatched), the uncached run, the cached run and transformers' `generate` (with its KV cache, in a
+process of its own, started and warmed up before the first round; {version}) take turns, so that
+both runs compared with each other follow a quiet run. "vs transformers": the median of the rounds'
+transformers time / cached time (above 1: minillm is faster). "slowdown": the median of the rounds'
+busy / quiet time of the cached run. "busy, threads unwatched": the cached run beside the busy
+process with the BLAS keeping its own thread count (all cores), as sampling ran before
+minillm/blas_threads.py. "same tokens": every quiet run of the row chose the tokens of the first
+cached run (or which runs did not).
 
 - **baby** (block 64): after 64 tokens the window slides every step. Position embeddings are learned
   and added at the input, so every cached key and value goes stale and the cache is rebuilt by a
@@ -182,7 +187,9 @@ tokens of the first cached run (or which runs did not).
 - **GPT-2 small**: 64 new tokens instead of 256, to keep the uncached runs short. Each token reads
   all {weight_bytes / 1e6:.0f} MB of float32 weights once. Measured after the table, a matrix-vector
   product with the LM head's {gpt2.vocab_size}x{gpt2.n_embd} matrix (all threads) streamed weights at
-  {rate / 1e9:.1f} GB/s, so no float32 decoder could pass {rate / weight_bytes:.0f} tokens/s at batch 1.
+  {rate / 1e9:.1f} GB/s, so no float32 decoder could pass {rate / weight_bytes:.0f} tokens/s at batch 1. On one
+  thread, all that a busy process beside it leaves, the product streamed {one_core_rate / 1e9:.1f} GB/s: at most
+  {one_core_rate / weight_bytes:.0f} tokens/s.
 """
     print()
     print(table)

@@ -6,9 +6,10 @@ transformers user's sampling would:
     python -m minillm.bench.transformers_reference GPT2_DIR NEW_TOKENS
 
 loads the GPT-2 directory (written by minillm's save_pretrained, so both sides
-hold the same weights), then for each line it reads runs one greedy `generate`
-with its KV cache, batch 1, from the one-token prompt [0], and answers with the
-seconds it took and the tokens it chose. TransformersProcess drives it.
+hold the same weights), warms up and says "ready", then for each line it reads
+runs one greedy `generate` with its KV cache, batch 1, from the one-token prompt
+[0], and answers with the seconds it took and the tokens it chose.
+TransformersProcess drives it.
 """
 
 import subprocess
@@ -22,6 +23,9 @@ class TransformersProcess:
     def __init__(self, directory, new_tokens):
         command = [sys.executable, "-m", "minillm.bench.transformers_reference", str(directory), str(new_tokens)]
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # Loading PyTorch takes seconds of CPU: wait for it, or it would run beside the first timings.
+        if self._process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the transformers benchmark process did not start")
 
     def run(self):
         self._process.stdin.write("run\n")
@@ -53,6 +57,7 @@ def serve(directory, new_tokens):
                                   max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0)
 
     sample(4)  # warm-up
+    print("ready", flush=True)
     for _ in sys.stdin:
         start = time.perf_counter()
         tokens = sample(new_tokens)
