@@ -15,14 +15,15 @@ the products (their calls took 12.1 of the 14.3 s of a `baby` run).
 So while sampling on the CPU, the BLAS uses one thread per core that other
 programs leave idle. CoreWatch reads how long the machine's cores have been idle
 (Linux's /proc/stat) and this process's own CPU time every LOOK_EVERY seconds;
-what is neither is other programs' work. The kernel measures idle time rather
-than sampling it at the clock's ticks as it does busy time, so short readings
-hold: in 50 ms windows on 2 cores a quiet machine read between -0.18 and 0.06
-cores busy, one busy process 1.00 to 1.02 (busy time read 0.2 cores off either
-way). A core counts as taken when other programs use TAKEN of it. The threshold is low on purpose: while our own
-threads compete for a core with another program, the scheduler gives that program
-only its fair share (about 2/3 of a core beside our 2 threads on 2 cores), and
-that share must still read as taken.
+what is neither is other programs' work. Idle time, which the kernel times as
+cores enter and leave idle, holds over short windows where busy time, sampled at
+the clock's ticks, does not: in 50 ms windows on 2 cores, a quiet machine read
+between -0.18 and 0.06 cores busy and one busy process 1.00 to 1.03, where busy
+time read up to 0.4 cores off. A core counts as taken when other programs use
+TAKEN of it. The threshold is low on purpose: while our own threads compete for
+a core with another program, the scheduler gives that program only its fair
+share (about 2/3 of a core beside our 2 threads on 2 cores), and that share must
+still read as taken.
 
 One watch serves every sampling of the process: each starts on the count the last
 one ended on, and at once on a new count when the load seen since then (LOOK_EVERY
