@@ -22,8 +22,8 @@ between -0.18 and 0.06 cores busy and one busy process 1.00 to 1.03, where busy
 time read up to 0.4 cores off. A core counts as taken when other programs use
 TAKEN of it. The threshold is low on purpose: while our own threads compete for
 a core with another program, the scheduler gives that program only its fair
-share (about 2/3 of a core beside our 2 threads on 2 cores), and that share must
-still read as taken.
+share (0.57 to 0.72 of a core in three runs of our 2 threads beside one busy
+process on 2 cores), and that share must still read as taken.
 
 One watch serves every sampling of the process: each starts on the count the last
 one ended on, and at once on a new count when the load seen since then (LOOK_EVERY
