@@ -1,28 +1,15 @@
-"""Numerical gradient checking: analytic gradients against central finite differences.
+"""python -m minillm.gradcheck: every layer, and the whole model, against central finite differences.
 
-    numeric_i = (8 (f(x + h e_i) - f(x - h e_i)) - (f(x + 2h e_i) - f(x - 2h e_i))) / (12 h)
+It checks, in float64, on a tiny model with random weights and one random batch:
+  1. each layer on its own (minillm.testing.cases, at the model's sizes), in both readings, the
+     reference (minillm/layers) and the fast one (minillm/fast), and the model's block_backward on
+     each: a wrong backward pass is named here, with the input whose gradient is wrong;
+  2. every parameter's gradient from model.backward(), on the fast layers and on the reference ones.
+It prints a table of each, and exits with status 1 if any gradient is WRONG, NaN, or unchecked
+(zero in both: nothing was compared). --reference or --fast checks only that reading.
 
-the fourth-order central difference, one element at a time. Its error is O(h^4)
-where the plain (f(x + h) - f(x - h)) / 2h has O(h^2), so h can stay large enough
-that float64 rounding (about 1e-16 |f| / h) stays small too: with h = 1e-4 typical
-errors are near 1e-10.
-
-Near a point where f bends sharply (a LayerNorm whose input row has almost no
-variance, say) the O(h^4) term can still be large. `gradient_error` then tries
-smaller steps, 1e-5 and 1e-6, and keeps the best: an error of the difference
-formula shrinks with h, while a wrong analytic gradient stays wrong at every h.
-
-The error measure, per array (one parameter, or one layer input):
-
-    relative_error(analytic, numeric) = max_i |analytic_i - numeric_i| / max_i max(|analytic_i|, |numeric_i|)
-
-i.e. the worst element's error measured against the array's largest gradient. It is
-0 for a perfect match, and it does not blow up on elements whose gradient is near 0
-(where an element-by-element ratio would divide noise by noise).
-
-Run it as a command:  python -m minillm.gradcheck [--n-layer 2 --n-head 2 ...]
-It builds a tiny float64 model with random weights, prints the error of every
-parameter, and exits with status 1 if any exceeds the tolerance.
+The difference formula, its steps and the error measure are minillm.testing's (minillm/testing/numeric.py);
+each verdict is a row of minillm.testing's report (exact, ok, WRONG, unchecked, skipped).
 """
 
 import math
@@ -30,57 +17,15 @@ import sys
 
 import numpy
 
+import minillm.fast
+import minillm.layers
 from minillm import backend, cli
-from minillm.model import GPT, GPTConfig
+from minillm.model import GPT, GPTConfig, block_backward, block_forward
+from minillm.testing import cases
+from minillm.testing.numeric import TOLERANCE, best_numerical_gradient
+from minillm.testing.report import GradientReport, compare_row
 
-TOLERANCE = 1e-6
-STEPS = (1e-4, 1e-5, 1e-6)
-
-
-def numerical_gradient(f, x, h=STEPS[0]):
-    """Fourth-order central-difference gradient of the scalar function f() with respect to the array x.
-
-    x is perturbed in place, one element at a time, and restored afterwards.
-    """
-    xp = backend.get_array_module(x)
-    grad = xp.zeros(x.shape, dtype=numpy.float64)
-    flat = x.reshape(-1)  # a view: writing to it perturbs x
-    grad_flat = grad.reshape(-1)
-
-    def f_at(i, value):
-        flat[i] = value
-        return float(f())
-
-    for i in range(flat.size):
-        original = flat[i].copy()
-        near = f_at(i, original + h) - f_at(i, original - h)
-        far = f_at(i, original + 2 * h) - f_at(i, original - 2 * h)
-        flat[i] = original
-        grad_flat[i] = (8 * near - far) / (12 * h)
-    return grad
-
-
-def relative_error(analytic, numeric):
-    """max |a - n| / max(|a|, |n|) over the array (see the module docstring); 0 when both are 0."""
-    a = backend.to_host(analytic).astype(numpy.float64)
-    n = backend.to_host(numeric).astype(numpy.float64)
-    scale = max(numpy.abs(a).max(initial=0.0), numpy.abs(n).max(initial=0.0))
-    if scale == 0.0:
-        return 0.0
-    return float(numpy.abs(a - n).max() / scale)
-
-
-def gradient_error(analytic, f, x, tolerance=TOLERANCE):
-    """relative_error of `analytic` against the numerical gradient of f() w.r.t. x, trying STEPS in turn.
-
-    Returns the first error within the tolerance, or the smallest one when none is.
-    """
-    errors = []
-    for h in STEPS:
-        errors.append(relative_error(analytic, numerical_gradient(f, x, h)))
-        if errors[-1] <= tolerance:
-            break
-    return min(errors)
+READINGS = {"reference": minillm.layers, "fast": minillm.fast}
 
 
 def randomize(params, seed, std=0.5):
@@ -95,33 +40,46 @@ def randomize(params, seed, std=0.5):
         p[...] = xp.asarray(rng.normal(0.0, std, size=p.shape))
 
 
-def model_gradient_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERANCE):
-    """{name: relative error} for every trainable parameter of a float64 model on one batch.
+def model_report(model, idx, targets, dropout_seed=0, tolerance=TOLERANCE):
+    """A GradientReport with a row for every trainable parameter of a float64 model on one batch.
 
     With dropout, the generator is reseeded before every forward pass, so all the
     perturbed passes draw the same masks as the analytic one.
     """
-    return model_gradients_and_errors(model, idx, targets, dropout_seed, tolerance)[1]
-
-
-def model_gradients_and_errors(model, idx, targets, dropout_seed=0, tolerance=TOLERANCE):
-    """(the analytic gradients, {name: relative error}) of model_gradient_errors."""
     def loss():
         model.rng = backend.RNG(dropout_seed, model.device)
         return model(idx, targets)[1]
 
     loss()
     analytic = model.backward()
-    trainable = model.trainable_params()
-    return analytic, {name: gradient_error(analytic[name], loss, p, tolerance) for name, p in trainable.items()}
+    rows = []
+    for name, p in model.trainable_params().items():
+        error, numeric = best_numerical_gradient(analytic[name], loss, p, tolerance)
+        rows.append(compare_row(name, analytic[name], numeric, tolerance, error))
+    reading = "reference" if model.reference else "fast"
+    return GradientReport(f"the model's parameters on the {reading} layers", rows, tolerance, heading="parameter")
+
+
+def layer_reports(sizes, readings, dropout_p, seed, tolerance, device="cpu"):
+    """{"reading.layer": GradientReport} for every layer case and the model's block, in each reading."""
+    reports = {}
+    for reading in readings:
+        layers = READINGS[reading]
+        for name in cases.LAYER_NAMES:
+            case = cases.layer_case(name, getattr(layers, name), sizes, seed, dropout_p)
+            reports[f"{reading}.{name}"] = case.on(device).check(tolerance, seed)
+        case = cases.block_case(block_forward, block_backward, layers, sizes, seed, dropout_p)
+        reports[f"{reading}.block"] = case.on(device).check(tolerance, seed)
+    return reports
 
 
 def build_parser():
     parser = cli.ArgumentParser(
         prog="python -m minillm.gradcheck",
-        description="Check the model's analytic gradients against central finite differences, in float64, on a "
-        "tiny model with random weights and one random batch. Prints every parameter's error and exits with "
-        "status 1 if any is above the tolerance, or if a gradient is zero in both (nothing was checked).",
+        description="Check the analytic gradients against central finite differences, in float64: every layer on "
+        "its own, in the reference and the fast reading, then every parameter of a tiny model with random weights "
+        "on one random batch, on both readings. Prints a table of each and exits with status 1 if any gradient is "
+        "WRONG, or zero in both (nothing was checked).",
     )
     parser.add_argument("--vocab-size", type=int, default=11, metavar="N", help="vocabulary size (default: 11)")
     parser.add_argument("--block-size", type=int, default=6, metavar="T",
@@ -143,8 +101,10 @@ def build_parser():
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="TOL",
                         help=f"largest relative error that passes, positive and finite (default: {TOLERANCE:g})")
     parser.add_argument("--device", default="cpu", choices=backend.DEVICES, help="cpu, cuda or auto (default: cpu)")
-    parser.add_argument("--reference", action="store_true",
-                        help="check the model on the reference layers (minillm.layers) instead of the fast ones")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--reference", action="store_true",
+                      help="check only the reference reading (minillm/layers, and the model on it)")
+    only.add_argument("--fast", action="store_true", help="check only the fast reading (minillm/fast, and the model on it)")
     return parser
 
 
@@ -168,15 +128,13 @@ def main(argv=None):
 
 
 def check(args):
-    """Build the model and batch the options describe, print each parameter's error; 1 if any fails."""
+    """Check the layers and the model the options describe, print the tables; 1 if any gradient fails."""
     config = GPTConfig(
         vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=not args.no_bias,
     )
-    model = GPT(config, seed=args.seed, dtype="float64", device=args.device, reference=args.reference)
-    if args.lora_rank:
-        model = model.with_lora(args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
-    randomize(model.params, args.seed)
+    readings = ["reference"] if args.reference else ["fast"] if args.fast else ["reference", "fast"]
+    device = backend.resolve_device(args.device)
     rng = numpy.random.default_rng(args.seed)
     shape = (args.batch_size, args.block_size)
     idx = rng.integers(0, args.vocab_size, size=shape)
@@ -186,26 +144,48 @@ def check(args):
         f"{config.vocab_size}, block_size {config.block_size}, dropout {config.dropout}, "
         + ("no biases" if args.no_bias else "biases")
         + (f", LoRA rank {args.lora_rank} on {args.lora_targets}" if args.lora_rank else "")
-        + f"; {'reference' if args.reference else 'fast'} layers, float64, on {model.device}; "
+        + f"; {' and '.join(readings)} layers, float64, on {device}; "
         f"batch {args.batch_size} x {args.block_size} tokens, seed {args.seed}\n"
     )
 
-    analytic, errors = model_gradients_and_errors(model, idx, targets, dropout_seed=args.seed, tolerance=args.tolerance)
-    # A gradient that is zero in both readings compares nothing: it is reported, and it fails.
-    unchecked = {name for name, g in analytic.items() if not numpy.any(backend.to_host(g))}
-    width = max(len(name) for name in errors)
-    print(f"{'parameter':<{width}}  {'shape':>10}  {'max rel. error':>14}")
-    for name, error in errors.items():
-        shape_text = "x".join(map(str, model.params[name].shape))
-        flag = "  UNCHECKED (gradient 0)" if name in unchecked else "" if error <= args.tolerance else "  FAIL"
-        print(f"{name:<{width}}  {shape_text:>10}  {error:14.3e}{flag}")
-    # Written so that a NaN error fails: NaN <= tolerance is false.
-    passed = sum(error <= args.tolerance and name not in unchecked for name, error in errors.items())
-    failed = len(errors) - passed
-    worst = max(errors.values(), key=lambda e: math.inf if math.isnan(e) else e)
-    print(f"\nworst {worst:.3e}; tolerance {args.tolerance:.0e}; {passed} passed, {failed} failed"
-          + (f" ({len(unchecked)} unchecked)" if unchecked else ""))
+    sizes = cases.Sizes(batch=args.batch_size, time=args.block_size, n_head=args.n_head,
+                        head_size=args.n_embd // args.n_head, vocab=args.vocab_size, bias=not args.no_bias)
+    layers = layer_reports(sizes, readings, args.dropout, args.seed, args.tolerance, device)
+    print_layer_table(layers, sizes)
+    models = []
+    for reading in readings:
+        model = GPT(config, seed=args.seed, dtype="float64", device=device, reference=reading == "reference")
+        if args.lora_rank:
+            model = model.with_lora(args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
+        randomize(model.params, args.seed)
+        models.append(model_report(model, idx, targets, dropout_seed=args.seed, tolerance=args.tolerance))
+        print(f"\n{models[-1]}")
+
+    units = list(layers.values()) + [row for report in models for row in report.rows]
+    failed = sum(not unit.ok for unit in units)
+    unchecked = sum(row.verdict == "unchecked" for report in [*layers.values(), *models] for row in report.rows)
+    errors = [row.rel_error for report in [*layers.values(), *models] for row in report.rows
+              if row.rel_error is not None]
+    worst = max(errors, key=lambda e: math.inf if math.isnan(e) else e, default=0.0)
+    print(f"\nworst {worst:.3e}; tolerance {args.tolerance:.0e}; {len(units) - failed} passed, {failed} failed"
+          + (f" ({unchecked} unchecked)" if unchecked else ""))
     return 1 if failed else 0
+
+
+def print_layer_table(reports, sizes):
+    """One line per layer check, then the whole report of each one that failed."""
+    print(f"each layer on its own: batch {sizes.batch}, time {sizes.time}, {sizes.n_head} heads of {sizes.head_size}, "
+          f"vocabulary {sizes.vocab}")
+    width = max(map(len, reports))
+    print(f"{'layer':<{width}}  {'worst rel. error':>16}  verdict")
+    for name, report in reports.items():
+        errors = [row.rel_error for row in report.rows if row.rel_error is not None]
+        worst = max(errors, key=lambda e: math.inf if math.isnan(e) else e, default=None)
+        verdict = "ok" if report.ok else "WRONG: " + ", ".join(row.name for row in report.failing)
+        print(f"{name:<{width}}  {'-' if worst is None else f'{worst:.3e}':>16}  {verdict}")
+    for name, report in reports.items():
+        if not report.ok:
+            print(f"\n{name}: {report}")
 
 
 if __name__ == "__main__":

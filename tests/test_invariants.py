@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import minillm.fast
 import minillm.layers
 from helpers import random_tokens, tiny_model
-from minillm import backend, gradcheck
+from minillm import backend, testing
 from minillm.layers import cross_entropy, dropout, embedding, layernorm, softmax
 from minillm.model import GPT, ConfigError, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
@@ -246,14 +246,14 @@ def test_tied_embedding_gradient_is_the_sum_of_both_uses(monkeypatch):
     real_forward = embedding.forward
     monkeypatch.setattr(embedding, "forward", lambda idx, wte, wpe: real_forward(idx, wte_embed, wpe))
     loss = lambda: model(idx, targets)[1]
-    embed_share = gradcheck.numerical_gradient(loss, wte_embed)
-    head_share = gradcheck.numerical_gradient(loss, model.params["wte.weight"])
+    embed_share = testing.numerical_gradient(loss, wte_embed)
+    head_share = testing.numerical_gradient(loss, model.params["wte.weight"])
 
-    assert gradcheck.relative_error(full, embed_share + head_share) <= gradcheck.TOLERANCE
+    assert testing.relative_error(full, embed_share + head_share) <= testing.TOLERANCE
     row_norm = lambda g: numpy.linalg.norm(g, axis=1)
     assert numpy.all(row_norm(head_share) > 1e-3 * row_norm(full).max())  # every row is a logit
     assert numpy.all(embed_share[3:] == 0.0)  # absent tokens: head only ...
-    assert gradcheck.relative_error(full[3:], head_share[3:]) <= gradcheck.TOLERANCE
+    assert testing.relative_error(full[3:], head_share[3:]) <= testing.TOLERANCE
     assert numpy.all(row_norm(embed_share[:3]) > 1e-3 * row_norm(full).max())  # ... present ones: both
 
 
