@@ -149,3 +149,13 @@ def test_a_training_run_ends_with_the_cpu_runs_weights(xp_device, tmp_path):
     for name, p in models[0].params.items():
         assert backend.device_of(models[1].params[name]) == xp_device
         assert relative_error(models[1].params[name], p) < 1e-8, name
+
+
+@pytest.mark.parametrize("layers", [minillm.layers, minillm.fast], ids=["reference", "fast"])
+def test_the_gradient_checker_passes_every_layer_on_the_device(xp_device, layers):
+    """minillm.testing computes on the arrays' device: the cases moved there pass, with dropout on."""
+    from minillm.testing import cases
+
+    sizes = cases.Sizes(batch=2, time=3, n_head=2, head_size=2, vocab=5)
+    for name in cases.LAYER_NAMES:
+        cases.layer_case(name, getattr(layers, name), sizes, seed=1, dropout_p=0.3).on(xp_device).check().assert_ok()

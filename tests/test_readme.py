@@ -54,6 +54,17 @@ def test_each_readme_example_runs_as_written(command, folder):
     assert result.stdout.strip()
 
 
+def test_the_check_your_own_gradients_example_runs_as_written(tmp_path):
+    """The README's python block with a check_layer test, saved as a file and run by pytest, passes."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    example = [block for block in blocks if "check_layer(" in block and "def test_" in block]
+    assert len(example) == 1
+    (tmp_path / "test_rmsnorm.py").write_text(example[0])
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_rmsnorm.py"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout + result.stderr
+
+
 def test_a_prompt_from_echo_is_the_same_as_the_prompt_typed(folder):
     piped = run_as_written('echo "Class " | python generate.py --prompt - --temperature 0 --max-new-tokens 20', folder)
     typed = run_as_written('python generate.py --prompt "Class " --temperature 0 --max-new-tokens 20', folder)

@@ -56,8 +56,7 @@ def check_layer(forward, backward, inputs, *, kwargs=None, seed=0, tolerance=TOL
     def objective():
         return (run()[0] * dout).sum()
 
-    title = (f"check_layer({function_name(forward)}): float64, dout ~ N(0, 1) with seed "
-             f"({DOUT_STREAM}, {seed}), tolerance {tolerance:g}")
+    title = f"check_layer({function_name(forward)}): float64, dout ~ N(0, 1) (seed {seed}), tolerance {tolerance:g}"
     report = GradientReport(title, [], tolerance)
     if given:
         report.notes.append(f"inputs given as {', '.join(sorted(given))} were checked as float64 copies: "
