@@ -17,6 +17,7 @@ from minillm.layers import lora
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.sampling import generate
+from minillm.testing import cases
 from minillm.tokenizers.char import CharTokenizer
 from minillm.training import TrainConfig, train
 
@@ -154,8 +155,6 @@ def test_a_training_run_ends_with_the_cpu_runs_weights(xp_device, tmp_path):
 @pytest.mark.parametrize("layers", [minillm.layers, minillm.fast], ids=["reference", "fast"])
 def test_the_gradient_checker_passes_every_layer_on_the_device(xp_device, layers):
     """minillm.testing computes on the arrays' device: the cases moved there pass, with dropout on."""
-    from minillm.testing import cases
-
     sizes = cases.Sizes(batch=2, time=3, n_head=2, head_size=2, vocab=5)
     for name in cases.LAYER_NAMES:
         cases.layer_case(name, getattr(layers, name), sizes, seed=1, dropout_p=0.3).on(xp_device).check().assert_ok()

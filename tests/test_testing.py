@@ -134,6 +134,11 @@ def test_the_wrong_number_of_gradients_is_one_clear_problem():
     assert not report.ok and "returned 2 gradient(s), but there are 3 inputs (x, w, b)" in str(report)
 
 
+def test_a_forward_without_its_cache_is_one_clear_error():
+    with pytest.raises(TypeError, match=r"must return \(out, cache\), got ndarray"):
+        check_layer(lambda x: x * 2.0, lambda dout, cache: dout, (X,))
+
+
 def test_a_layer_drawing_random_numbers_draws_the_same_ones_in_every_evaluation():
     def dropout_forward(x, rng):
         mask = (rng.uniform(x.shape, x.dtype) >= 0.5) * 2.0

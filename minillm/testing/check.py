@@ -47,7 +47,11 @@ def check_layer(forward, backward, inputs, *, kwargs=None, seed=0, tolerance=TOL
                  for key, value in kwargs.items()}
         return forward(*inputs, **fresh)
 
-    out, cache = run()
+    result = run()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"{function_name(forward)} must return (out, cache), got {type(result).__name__}"
+                        + (f" of length {len(result)}" if isinstance(result, tuple) else ""))
+    out, cache = result
     xp = backend.get_array_module(out)
     # A stream of its own: inputs drawn with default_rng(seed) must not equal dout (x^T dout would be symmetric).
     dout = xp.asarray(numpy.random.default_rng([DOUT_STREAM, seed]).normal(size=numpy.shape(out)))
