@@ -57,6 +57,12 @@ def test_a_constant_factor_is_named():
         report.assert_ok()
 
 
+def test_a_single_non_zero_element_is_called_a_factor_only_when_it_is_a_simple_one():
+    report = compare({"p": numpy.array([0.0, 0.2206])}, {"p": numpy.array([0.0, 1.0])})
+    assert not report.ok and "factor" not in str(report) and "worst element [1]" in str(report)
+    assert "2x the right answer" in str(compare({"p": numpy.array([0.0, 2.0])}, {"p": numpy.array([0.0, 1.0])}))
+
+
 def test_a_transposed_weight_gradient_is_named_square_or_not():
     transposed = with_grads(lambda dx, dw, db: (dx, dw.T, db))
     for w in (W, RNG.normal(size=(4, 4))):
@@ -74,7 +80,8 @@ def test_a_bias_gradient_not_summed_over_batch_and_time_is_named():
 
 def test_a_missing_path_is_zero_where_it_should_not_be():
     report = check_layer(linear_forward, with_grads(lambda dx, dw, db: (0 * dx, dw, db)), (X, W, B))
-    assert "zero where it should not be" in str(row(report, "x").detail)
+    assert "zero where the numeric one is not: the path from the output to this input is missing" in str(
+        row(report, "x").detail)
     assert "worst element" in str(row(report, "x").detail)
 
 

@@ -137,14 +137,17 @@ def close(a, n, tolerance):
 def value_diagnosis(a, n, tolerance, label):
     """What a same-shaped wrong gradient looks like, when it is one of the recognisable mistakes."""
     if not a.any():
-        return ["it is zero where it should not be: the path from the output to this input is missing"]
+        return [f"it is zero where the {label} one is not" + (": the path from the output to this input is missing"
+                                                               if label == "numeric" else "")]
     if not n.any():
-        return [f"the {label} gradient is zero: the output does not depend on this input, so neither should "
-                "the gradient"]
+        return [f"the {label} one is zero" + (": the output does not depend on this input, so neither should the "
+                                              "gradient" if label == "numeric" else "")]
     if a.ndim >= 2 and close(a.swapaxes(-1, -2), n, tolerance):
         return ["it is the transpose of the right answer (the last two axes swapped)"]
     factor = float((a * n).sum() / (n * n).sum())
-    if close(a, factor * n, tolerance):
+    # With one non-zero element every wrong value is "a factor" of the right one: only a simple one
+    # (2, 1/2, -1) then says something.
+    if close(a, factor * n, tolerance) and (numpy.count_nonzero(n) >= 2 or simple_fraction(factor)):
         return [f"it is {factor_text(factor)}: a constant factor is wrong"]
     zero_here = (a == 0) & (n != 0)
     if zero_here.any() and close(numpy.where(zero_here, 0.0, a), numpy.where(zero_here, 0.0, n), tolerance):
@@ -155,14 +158,20 @@ def value_diagnosis(a, n, tolerance, label):
 def factor_text(factor):
     """2.0 -> '2x the right answer', 0.5 -> '1/2 of the right answer', -1.0 -> '-1x the right answer (the sign
     flipped)'; a factor that is no simple fraction as a number."""
-    simple = Fraction(factor).limit_denominator(64)
-    if abs(float(simple) - factor) > 1e-6 * abs(factor):
+    simple = simple_fraction(factor)
+    if simple is None:
         text = f"{factor:.6g}x the right answer"
     elif simple.denominator == 1:
         text = f"{simple.numerator}x the right answer"
     else:
         text = f"{simple} of the right answer"
     return text + (" (the sign flipped)" if factor < 0 else "")
+
+
+def simple_fraction(factor):
+    """The fraction p/q (q <= 64) that factor is, to 1e-6 relative, or None."""
+    simple = Fraction(factor).limit_denominator(64)
+    return simple if abs(float(simple) - factor) <= 1e-6 * abs(factor) else None
 
 
 def shape_diagnosis(a, n, tolerance):
