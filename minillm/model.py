@@ -20,7 +20,8 @@ Parameters live in one place, the dict `model.params`, under GPT-2's names
 
 Two readings of every layer compute the same numbers: `minillm.layers`, the reference
 written as the equations read, and `minillm.fast`, the same functions tuned for speed.
-The model runs on the fast layers; GPT(..., reference=True) runs it on the reference.
+The model runs on the fast layers; GPT(..., reference=True) runs it on the reference, and
+GPT(..., layers=L) on any namespace L of modules with their signatures (a learner's: minillm/exercises).
 
 Fine-tuning (frozen parameters, LoRA adapters) reaches forward and backward through one
 object, a finetune.Tuning: the weights a pass uses, which gradients backward forms, and
@@ -221,7 +222,8 @@ class GPT:
         logits, loss = model(idx, targets)   # idx, targets: integer (B, T); loss None without targets
         grads = model.backward()             # dict with the keys and shapes of model.params
         model.train() / model.eval()         # dropout on / off (eval also keeps nothing for backward)
-        model.reference = True               # run on minillm.layers, the reference (default: minillm.fast)
+        model.layers                         # the layer modules it runs on (default: minillm.fast)
+        model.reference = True               # run on minillm.layers, the reference (False: minillm.fast again)
         model.keep_attention = True          # each forward() keeps every layer's attention weights:
         model.attention_weights              #   [P of block 0, ...], each (B, n_head, T, T) (minillm/inspect.py)
 
@@ -234,8 +236,9 @@ class GPT:
         plain = lora_model.merged()           # adapters folded into the weights: the same logits
     """
 
-    def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None, reference=False):
-        """`params` (name -> array of this dtype on this device) replaces the random initial weights."""
+    def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None, reference=False, layers=None):
+        """`params` (name -> array of this dtype on this device) replaces the random initial weights;
+        `layers` (a namespace of layer modules, as minillm.layers) replaces the ones `reference` picks."""
         self.config = config
         self.dtype = backend.dtype_of(dtype)
         self.device = backend.resolve_device(device)
@@ -243,7 +246,7 @@ class GPT:
         # One seeded generator on the model's device: first the initial weights, then dropout masks.
         self.rng = backend.RNG(seed, self.device)
         self.params = init_params(config, self.rng, self.dtype) if params is None else params
-        self.reference = reference
+        self.layers = layers or (minillm.layers if reference else minillm.fast)
         self.frozen = set()
         self.training = True
         self._cache = None
@@ -252,9 +255,13 @@ class GPT:
         self.attention_weights = None
 
     @property
-    def layers(self):
-        """The layer functions this model runs on: minillm.layers (the reference) or minillm.fast."""
-        return minillm.layers if self.reference else minillm.fast
+    def reference(self):
+        """Whether the model runs on minillm.layers, the reference; setting it picks those or minillm.fast."""
+        return self.layers is minillm.layers
+
+    @reference.setter
+    def reference(self, reference):
+        self.layers = minillm.layers if reference else minillm.fast
 
     @classmethod
     def from_pretrained(cls, path, dtype="float32", device="cpu"):
@@ -306,7 +313,7 @@ class GPT:
         config = replace(self.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
         adapters = [name for name in parameter_shapes(config) if name not in self.params]
         params = self.params | init_params(config, backend.RNG(seed, self.device), self.dtype, names=adapters)
-        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params, reference=self.reference)
+        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params, layers=self.layers)
         model.frozen = set(self.params)
         return model.train(self.training)
 
@@ -322,7 +329,8 @@ class GPT:
         weights, _ = finetune.adapted_weights(self.config, self.params)
         config = replace(self.config, lora_rank=0)
         params = {name: weights[name] for name in parameter_shapes(config)}
-        return GPT(config, dtype=self.dtype, device=self.device, params=params, reference=self.reference).train(self.training)
+        model = GPT(config, dtype=self.dtype, device=self.device, params=params, layers=self.layers)
+        return model.train(self.training)
 
     def _token_array(self, ids):
         """Integer ids on the model's device (the one host-to-device copy of a batch)."""
@@ -401,10 +409,12 @@ class GPT:
 
         dx, dwte_head, _ = layers.linear.backward(dlogits, head, weight_grads=tuning.wants("wte.weight"))
         dx, grads["ln_f.weight"], grads["ln_f.bias"] = layers.layernorm.backward(dx, ln_f)
+        # A learner's layer set (minillm/exercises) brings its own block_backward; layers and fast use this one.
+        backward_block = getattr(layers, "block_backward", block_backward)
         # Below tuning.lowest_block nothing trains, so backward stops there. blocks.pop(): each
         # block's activations go as soon as its gradient is done, so memory falls while the gradients grow.
         for i in reversed(range(tuning.lowest_block, self.config.n_layer)):
-            dx, block_grads = block_backward(layers, dx, blocks.pop(), f"h.{i}.", tuning)
+            dx, block_grads = backward_block(layers, dx, blocks.pop(), f"h.{i}.", tuning)
             grads.update(block_grads)
         if tuning.wants("wte.weight", "wpe.weight"):
             dx = layers.dropout.backward(dx, embed_drop)

@@ -12,7 +12,7 @@ model, only a different scale, so decaying it would fight the normalisation.
 
 adamw_update below is these equations as code, the reference; minillm/fast/adamw.py
 is the same update tuned (in place, and one fused kernel on a GPU), what AdamW uses
-unless built with reference=True.
+unless built with reference=True or given another update function (a learner's: minillm/exercises).
 """
 
 import math
@@ -40,11 +40,13 @@ def adamw_update(p, g, m, v, lr, t, beta1, beta2, eps, weight_decay):
 class AdamW:
     """Updates the arrays of `params` in place; keeps moments for every name in `params`.
 
-    reference=True takes each step with adamw_update above, else with its fast twin.
+    reference=True takes each step with adamw_update above, else with its fast twin; `update`, a
+    function with adamw_update's signature, replaces both.
     """
 
-    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, reference=False):
-        self.reference = reference
+    def __init__(self, params, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, reference=False,
+                 update=None):
+        self.reference, self.update = reference, update
         self.params = params
         self.lr = lr
         self.beta1, self.beta2 = betas
@@ -59,7 +61,8 @@ class AdamW:
         """One update from `grads` (name -> array); `lr` overrides the base rate for this step."""
         lr = self.lr if lr is None else lr
         self.t += 1
-        update = adamw_update if self.reference else minillm.fast.adamw.adamw_update
+        # Chosen at each step, not once: minillm.bench.readings swaps the fast update for the reference's.
+        update = self.update or (adamw_update if self.reference else minillm.fast.adamw.adamw_update)
         for name, g in grads.items():
             p = self.params[name]
             decay = self.weight_decay if decays(p) else 0.0

@@ -61,6 +61,7 @@ class TrainConfig:
     dtype: str = "float32"
     threads: int = 0  # 0: one per CPU core (1 on a GPU)
     reference: bool = False  # run on the reference layers (minillm.layers) instead of the fast ones
+    layers_from: str = ""  # a learner's exercises folder: each layer of theirs that passes replaces the reference's
     zero: int = 0  # 1: on several ranks, shard AdamW's moments across them (ZeRO stage 1, minillm/zero.py)
 
 

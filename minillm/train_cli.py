@@ -66,11 +66,14 @@ HELP = {
     "dtype": "float32 or float64",
     "threads": "CPU threads; the batch is split between them (0: one per core; 1 on a GPU)",
     "reference": "run on the reference layers (minillm/layers: the equations as written) instead of the fast ones",
+    "layers_from": "train with the layers you wrote in DIR (python -m minillm.exercises): each exercise whose file "
+    "passes its check replaces the reference layer; the rest are the reference's",
     "zero": "under mpiexec: 1 shards AdamW's moments across the processes, each keeping 1/N of them (ZeRO-1)",
 }
 
 
 CHOICES = {"device": backend.DEVICES, "dtype": ("float32", "float64"), "dataset": tuple(data.DATASETS)}
+METAVARS = {"layers_from": "DIR"}
 
 
 def build_parser():
@@ -90,12 +93,13 @@ def build_parser():
         if field.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, type=field.type, choices=CHOICES.get(field.name), help=text)
+            parser.add_argument(flag, type=field.type, choices=CHOICES.get(field.name),
+                                metavar=METAVARS.get(field.name), help=text)
     return parser
 
 
 CONFIG_LIMIT = files.MiB  # a config file is a few hundred bytes
-STRING_OPTIONS = ("data", "dataset", "sft", "out_dir", "init_from", "lora_targets", "device", "dtype")
+STRING_OPTIONS = ("data", "dataset", "sft", "out_dir", "init_from", "lora_targets", "device", "dtype", "layers_from")
 
 
 def read_config_file(path):

@@ -208,13 +208,31 @@ def frozen_names(model, cfg):
     return frozen
 
 
-def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distributed.ALONE):
+def load_learner_layers(cfg):
+    """--layers-from: the learner's layers and AdamW update (minillm.exercises.learner_layers), announced
+    in one line; None without the option."""
+    if not cfg.layers_from:
+        return None
+    from minillm.exercises import ExerciseError, learner_layers  # this option alone needs it: a plain run skips it
+
+    try:
+        found = learner_layers(cfg.layers_from)
+    except ExerciseError as err:
+        raise ConfigError(f"--layers-from: {err}") from None
+    reasons = ", ".join(f"{name} ({reason.split(':')[0]})" for name, reason in found.not_used.items())
+    print(f"layers from {cfg.layers_from}: yours: {', '.join(found.theirs) or 'none'}; "
+          f"the reference's: {reasons or 'none'}")
+    return found
+
+
+def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distributed.ALONE, learner=None):
     """(model, optimizer, start step, best val loss, evaluations since the best): fresh, from
     pretrained weights, or from last.npz.
 
     A pretrained model keeps its own shape (the model options are ignored) and
     trains with windows of --block-size tokens, at most its context; it starts
     with a fresh optimizer and schedule, and with fresh LoRA adapters when asked.
+    `learner` (--layers-from) replaces the layers and AdamW update of the reference path.
     """
     model_config = GPTConfig(
         vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -250,6 +268,9 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distribut
     model.reference = cfg.reference
     model.frozen = frozen_names(model, cfg)
     options = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, reference=cfg.reference)
+    if learner:  # the learner's layers and AdamW update where theirs pass, the reference's (not the fast) elsewhere
+        model.layers = learner.layers
+        options.update(reference=True, update=learner.adamw_update)
     if cfg.zero and world.size > 1:
         optimizer = ShardedAdamW(model, world, **options)
     else:
@@ -448,6 +469,7 @@ def setup(cfg, device, out_dir, world=distributed.ALONE):
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
     if pretrained:
         pretrained = tell_pretrained(cfg, *pretrained, text)
+    learner = load_learner_layers(cfg)  # before the token files are written: a wrong folder stops the run here
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
     try:
@@ -459,7 +481,7 @@ def setup(cfg, device, out_dir, world=distributed.ALONE):
             raise
         raise UnknownCharactersError(f"{err}; --extend-vocab adds them to the model as new tokens") from None
     model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained,
-                                                                         world)
+                                                                         world, learner)
     if resumed and not (out_dir / BEST_CHECKPOINT).exists():
         print(f"note: {out_dir / BEST_CHECKPOINT} is missing; the next evaluation writes a new one")
         best_val, since_best = math.inf, 0
@@ -615,7 +637,7 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
     everything is. Returns the best model (adapters merged)."""
     cfg = run.cfg
     best_model, _, meta, _ = checkpoint.load(run.best_path, device=run.device)
-    best_model.reference = cfg.reference
+    best_model.layers = run.model.layers
     print(
         f"\nfinal: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
         f"best val loss {meta['val_loss']:.4f} at step {meta['step']}\n"

@@ -9,7 +9,7 @@ padded with zeros); rank r owns part r. A step (train_step with --zero 1):
     update           rank r takes the AdamW step of its part only, with its part of m and v
     allgather        every rank receives every updated part: the parameters are whole again
 
-The update of each element is optim.adamw_update's (or its fast twin's), the same
+The update of each element is optim.adamw_update's (or its fast twin's, or the one given), the same
 arithmetic as the whole-array step, applied to the pieces of the parameters that fall in
 the rank's part. Checkpoints hold the whole m and v under each parameter's name: saving
 gathers the parts on rank 0, resuming takes the part of the new rank count, so a file does
@@ -30,8 +30,9 @@ class ShardedAdamW:
     step(grads, lr), state_dict(), load_state_dict(state).
     """
 
-    def __init__(self, model, world, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, reference=False):
-        self.world, self.reference = world, reference
+    def __init__(self, model, world, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, reference=False,
+                 update=None):
+        self.world, self.reference, self.update = world, reference, update
         self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.t = 0
         params = model.trainable_params()
@@ -73,7 +74,7 @@ class ShardedAdamW:
         """Update this rank's part from its gradient pieces, then gather every rank's part."""
         lr = self.lr if lr is None else lr
         self.t += 1
-        update = adamw_update if self.reference else minillm.fast.adamw.adamw_update
+        update = self.update or (adamw_update if self.reference else minillm.fast.adamw.adamw_update)
         for name, (a, b) in self.pieces.items():
             p = self.flat_params[self.lo + a:self.lo + b]
             decay = self.weight_decay if self.decays[name] else 0.0
