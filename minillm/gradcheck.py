@@ -104,7 +104,8 @@ def build_parser():
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--reference", action="store_true",
                       help="check only the reference reading (minillm/layers, and the model on it)")
-    only.add_argument("--fast", action="store_true", help="check only the fast reading (minillm/fast, and the model on it)")
+    only.add_argument("--fast", action="store_true",
+                      help="check only the fast reading (minillm/fast, and the model on it)")
     return parser
 
 

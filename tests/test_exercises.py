@@ -215,7 +215,8 @@ def test_start_never_overwrites_a_file_without_force(tmp_path, capsys):
 
 
 def test_an_unknown_exercise_is_one_line_naming_them_all(tmp_path, capsys):
-    for argv in (["start", "relu", "--dir", str(tmp_path)], ["check", "relu", "--dir", str(tmp_path)], ["hint", "relu"]):
+    folder = str(tmp_path)
+    for argv in (["start", "relu", "--dir", folder], ["check", "relu", "--dir", folder], ["hint", "relu"]):
         status, out, err = run(capsys, *argv)
         assert status == 2 and len(err.splitlines()) == 1 and "linear, gelu" in err and "adamw" in err, err
 

@@ -69,9 +69,9 @@ class GradientReport:
 
     def __str__(self):
         number = lambda value: "-" if value is None else "0" if value == 0 else f"{value:.2e}"
+        shape = lambda row: "-" if row.shape is None else "x".join(map(str, row.shape)) or "scalar"
         table = [(self.heading, "shape", "max abs diff", "rel error", "verdict")] + [
-            (row.name, "-" if row.shape is None else "x".join(map(str, row.shape)) or "scalar", number(row.max_abs), number(row.rel_error),
-             row.verdict) for row in self.rows
+            (row.name, shape(row), number(row.max_abs), number(row.rel_error), row.verdict) for row in self.rows
         ]
         widths = [max(len(line[i]) for line in table) for i in range(5)]
         lines = [self.title] + [f"  {note}" for note in self.notes]
@@ -80,12 +80,13 @@ class GradientReport:
             lines += [f"    {text}" for text in (self.rows[i - 1].detail if i else [])]
         lines += self.problems
         if self.ok:
-            lines.append(f"passed: every gradient within {self.tolerance:g} of the {self.reference} one")
+            what = "gradient" if self.reference == "numeric" else "array"
+            lines.append(f"passed: every {what} within {self.tolerance:g} of the {self.reference} one")
         elif self.problems:
             lines.append("FAILED: the gradients could not be compared")
         else:
             wrong = [row.name for row in self.failing]
-            lines.append(f"FAILED: {len(wrong)} of {len(self.rows)} wrong" + (f" ({', '.join(wrong)})" if wrong else ""))
+            lines.append(f"FAILED: {len(wrong)} of {len(self.rows)} wrong ({', '.join(wrong)})")
         return "\n".join(lines)
 
 
