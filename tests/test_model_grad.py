@@ -40,6 +40,14 @@ def configs(draw):
     )
 
 
+def assert_ok_where_something_was_kept(report, config):
+    """Every parameter exact or ok, except that with dropout on one may be unchecked (zero in both): a
+    mask can drop all of a block's attention weights (at T = 1 there is one per head), and then the loss
+    does not depend on that block's attention projections, so there is nothing to compare."""
+    wrong = [row for row in report.failing if not (config.dropout and row.verdict == "unchecked")]
+    assert not wrong and any(row.ok for row in report.rows), f"\n{report}"
+
+
 # No shrinking: an example costs ~0.5 s, and shrinking a failure took ~5 minutes.
 # test_layers_grad.py pins a wrong gradient down to the layer and shrinks it there.
 @settings(max_examples=10, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -53,7 +61,7 @@ def test_model_gradients_match_finite_differences(reference, config, batch_size,
     targets = random_tokens(config.vocab_size, (batch_size, T), seed + 1)
     report = gradcheck.model_report(model, idx, targets, dropout_seed=seed)
     assert [row.name for row in report.rows] == list(model.params)
-    report.assert_ok()
+    assert_ok_where_something_was_kept(report, config)
 
 
 @settings(max_examples=6, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -70,7 +78,7 @@ def test_lora_adapter_gradients_match_finite_differences(reference, config, rank
     names = [row.name for row in report.rows]
     assert names and all(name.endswith((".lora_a", ".lora_b")) for name in names)
     assert len(names) == 2 * len(model.config.adapted_layers())
-    report.assert_ok()
+    assert_ok_where_something_was_kept(report, config)
 
 
 def run_gradcheck(*flags):
