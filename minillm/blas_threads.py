@@ -2,28 +2,23 @@
 
 A decoding step multiplies one row per sample by every weight matrix of the model.
 With several BLAS threads each product is cut into parts, one per thread, and
-waits for the last part. On a quiet machine that pays for large models: GPT-2
-small decodes about 40 tokens/s on 2 threads against 23 on one, the weights
-streaming from memory through two cores instead of one. But when another program
+waits for the last part. On a quiet machine that pays for large models: the weights
+stream from memory through several cores instead of one. But when another program
 keeps a core busy, a BLAS thread is often off the CPU when its part is due, and
 each of the ~50 products of a token waits for the scheduler to bring it back (and
 between products, OpenBLAS's idle threads spin, taking CPU from the one that has
-work). Measured on 2 cores beside one busy process: `baby` ran 80 tokens/s on 2
-threads against 300 on one, GPT-2 small 5 to 13 against 23; the time went inside
-the products (their calls took 12.1 of the 14.3 s of a `baby` run).
+work). BENCHMARKS.md, "Sampling", has the figures (`python -m minillm.bench.sampling`,
+quiet and beside a busy process).
 
 So while sampling on the CPU, the BLAS uses one thread per core that other
 programs leave idle. CoreWatch reads how long the machine's cores have been idle
 (Linux's /proc/stat) and this process's own CPU time every LOOK_EVERY seconds;
 what is neither is other programs' work. Idle time, which the kernel times as
 cores enter and leave idle, holds over short windows where busy time, sampled at
-the clock's ticks, does not: in 50 ms windows on 2 cores, a quiet machine read
-between -0.18 and 0.06 cores busy and one busy process 1.00 to 1.03, where busy
-time read up to 0.4 cores off. A core counts as taken when other programs use
+the clock's 10 ms ticks, does not. A core counts as taken when other programs use
 TAKEN of it. The threshold is low on purpose: while our own threads compete for
 a core with another program, the scheduler gives that program only its fair
-share (0.57 to 0.72 of a core in three runs of our 2 threads beside one busy
-process on 2 cores), and that share must still read as taken.
+share of it, well under a whole core, and that share must still read as taken.
 
 One watch serves every sampling of the process: each starts on the count the last
 one ended on, and at once on a new count when the load seen since then (LOOK_EVERY

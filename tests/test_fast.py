@@ -24,6 +24,7 @@ comparison catches each.
 """
 
 import ast
+import inspect
 import types
 from pathlib import Path
 
@@ -116,6 +117,26 @@ def test_the_packages_are_interchangeable():
     assert fast.layernorm.EPS == layers.layernorm.EPS
     assert fast.cross_entropy.IGNORE_INDEX == layers.cross_entropy.IGNORE_INDEX
     assert fast.attention.QUERY_BLOCK >= 1 and not hasattr(layers.attention, "QUERY_BLOCK")
+
+
+def test_the_twins_share_every_signature():
+    """A function or class that both readings of a layer define takes the same arguments in both, so the two
+    read side by side; the fast attention's forward alone adds one trailing keyword, its query_block."""
+    extra = {("attention", "forward"): ["query_block"]}
+    for name in NAMES:
+        reference, tuned = getattr(layers, name), getattr(fast, name)
+        defined = lambda module: {attr for attr, value in vars(module).items() if not attr.startswith("_")
+                                  and (inspect.isfunction(value) or inspect.isclass(value))
+                                  and value.__module__ == module.__name__}
+        shared = defined(reference) & defined(tuned) if reference is not tuned else set()
+        for attr in shared:
+            ours = list(inspect.signature(getattr(reference, attr)).parameters)
+            theirs = list(inspect.signature(getattr(tuned, attr)).parameters)
+            assert theirs == ours + extra.get((name, attr), []), f"{name}.{attr}: {ours} against {theirs}"
+    for cache in (layers.attention.KVCache(1, 1, 4, 2, numpy.float64, numpy),
+                  fast.attention.KVCache(1, 1, 4, 2, numpy.float64, numpy)):
+        cache.append(numpy.zeros((1, 1, 3, 2)), numpy.zeros((1, 1, 3, 2)))
+        assert (cache.length, cache.capacity) == (3, 4) and "length" in vars(cache)
 
 
 def test_the_reference_has_no_tuning():
@@ -264,7 +285,7 @@ def layernorm_backward_without_the_var_path(dout, cache):
     return dx, (dout * xhat).sum(axis=rows), dout.sum(axis=rows) if has_bias else None
 
 
-def causal_mask_one_key_late(T, dtype, xp, past=0):
+def causal_mask_one_key_late(T, past, dtype, xp):
     """Query t also sees key t + 1."""
     return xp.triu(xp.full((T, past + T), -xp.inf, dtype=dtype), k=past + 2)
 

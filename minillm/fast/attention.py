@@ -27,20 +27,11 @@ KVCache:  k and v are allocated once for the whole capacity and each step's new 
           every step.
 one new position: a decoding step's single query sees every cached key, so it skips
           the loop (one_new_position): no mask, no blocks, and P @ v has the heads in
-          y's order already. With q, k, v split from qkv by one reshape (the loop's
-          path too), this made a whole decoding step 5% faster: a 4/4/128 model, 256
-          greedy tokens, median of 9 interleaved runs against the version without
-          both, new / old time 0.95 with GPT-2's vocabulary on 2 BLAS threads, 0.95
-          and 0.96 with a 103-token vocabulary on one (2026-11-30, 2-core CPU).
+          y's order already; q, k, v are split from qkv by one reshape (the loop's path
+          too). What it buys a decoding step: BENCHMARKS.md, "The fast layers one at a time".
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, default
-query_block, no dropout, one BLAS thread as in training's shard threads, median over 15 interleaved
-rounds of fast time / reference time, two runs): 0.79 and 0.81 at the baby shape (B=12, T=64, C=128,
-4 heads), 0.80 and 0.84 at the small shape (B=8, T=256, C=384, 6 heads). At T = 64 (one block) the
-gain is the copies saved and the fast linear and softmax layers it is built on; at T = 256 the two
-blocks save a further 8% (query_block 128 against 256, measured the same way), as the projections
-take most of the time there.
-"""
+What it buys in a whole training step: the `without: attention` row of `python -m minillm.bench.readings`
+(BENCHMARKS.md, "Two readings"); the layer alone: BENCHMARKS.md, "The fast layers one at a time"."""
 
 import functools
 import math
@@ -59,7 +50,7 @@ def split_heads(a, n_head):
 
 
 @functools.lru_cache(maxsize=32)
-def causal_mask(T, dtype, xp, past=0):
+def causal_mask(T, past, dtype, xp):
     """(T, past + T) additive mask for T queries that follow `past` earlier positions.
 
     Query t (at position past + t) sees keys 0..past + t: 0 there, -inf after.
@@ -89,6 +80,7 @@ class KVCache:
     """
 
     def __init__(self, batch_size, n_head, capacity, head_size, dtype, xp):
+        self.capacity = capacity
         shape = (batch_size, n_head, capacity, head_size)
         self.k = xp.empty(shape, dtype=dtype)
         self.v = xp.empty(shape, dtype=dtype)
@@ -97,8 +89,8 @@ class KVCache:
     def append(self, k, v):
         """Store the new positions' k, v (B, n_head, T, hs); return the keys and values of all positions."""
         start, end = self.length, self.length + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"{end} positions do not fit a key/value cache of {self.k.shape[2]}")
+        if end > self.capacity:
+            raise ValueError(f"{end} positions do not fit a key/value cache of {self.capacity}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end
@@ -147,7 +139,7 @@ def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, 
         seen = past + b  # the keys of positions 0 .. past + b - 1
         S = q[:, :, a:b] @ k[:, :, :seen].transpose(0, 1, 3, 2)
         # A single query is the newest position of its block and sees every key: nothing to mask.
-        mask = causal_mask(b - a, x.dtype, xp, past + a) if b - a > 1 else None
+        mask = causal_mask(b - a, past + a, x.dtype, xp) if b - a > 1 else None
         if mask is not None and fusing(S):
             S = scale_and_mask_fused(S, scale, mask)
         else:

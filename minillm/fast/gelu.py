@@ -6,11 +6,8 @@ operation. On large arrays each fresh temporary costs as much as the arithmetic,
 reusing memory is where the time goes. On a GPU, forward and backward each run as one
 fused kernel (backend.fuse): the same equations, written as plain expressions.
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, x (B, T,
-4C), the MLP's hidden layer, one BLAS thread as in training's shard threads, median over 15
-interleaved rounds of fast time / reference time, two runs): 0.70 and 0.71 at the baby shape (B=12,
-T=64, C=128, 4 heads), 0.73 and 0.72 at the small shape (B=8, T=256, C=384, 6 heads).
-"""
+What it buys in a whole training step: the `without: gelu` row of `python -m minillm.bench.readings`
+(BENCHMARKS.md, "Two readings"); the layer alone: BENCHMARKS.md, "The fast layers one at a time"."""
 
 from minillm.backend import fuse, fusing, get_array_module
 from minillm.layers.gelu import A, K  # Python floats, so float32 arrays stay float32

@@ -7,11 +7,8 @@ xhat in place, and dxhat becomes dx in place, instead of fresh arrays for each s
 On a GPU the elementwise steps after the means, (x - mu) * rstd * w + b forward and
 the dx line backward, each run as one fused kernel (backend.fuse).
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, x (B, T,
-C), one BLAS thread as in training's shard threads, median over 15 interleaved rounds of fast time /
-reference time, two runs): 0.71 and 0.72 at the baby shape (B=12, T=64, C=128, 4 heads), 0.74 and
-0.74 at the small shape (B=8, T=256, C=384, 6 heads).
-"""
+What it buys in a whole training step: the `without: layernorm` row of `python -m minillm.bench.readings`
+(BENCHMARKS.md, "Two readings"); the layer alone: BENCHMARKS.md, "The fast layers one at a time"."""
 
 from minillm.backend import fuse, fusing
 from minillm.fast.rows import row_means

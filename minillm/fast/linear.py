@@ -6,11 +6,8 @@ the batch with a product per sample; the bias is added in place, into the produc
 own buffer, instead of into a fresh array. The backward forms dx from the flattened
 rows too.
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, x (B, T,
-C) times a (C, 4C) weight, one BLAS thread as in training's shard threads, median over 15
-interleaved rounds of fast time / reference time, two runs): 0.80 and 0.79 at the baby shape (B=12,
-T=64, C=128, 4 heads), 0.90 and 0.89 at the small shape (B=8, T=256, C=384, 6 heads).
-"""
+What it buys in a whole training step: the `without: linear` row of `python -m minillm.bench.readings`
+(BENCHMARKS.md, "Two readings"); the layer alone: BENCHMARKS.md, "The fast layers one at a time"."""
 
 
 def forward(x, w, b=None):

@@ -4,11 +4,7 @@ What it does differently: nothing of its own. It is the reference's composition,
 linear, GELU, linear, over the fast linear layer (fast/linear.py: 2-D products, bias
 in place) and the fast GELU (fast/gelu.py: in place, one kernel on a GPU).
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, x (B, T,
-C), one BLAS thread as in training's shard threads, median over 15 interleaved rounds of fast time /
-reference time, two runs): 0.76 and 0.78 at the baby shape (B=12, T=64, C=128, 4 heads), 0.88 and
-0.87 at the small shape (B=8, T=256, C=384, 6 heads).
-"""
+The layer alone against the reference: BENCHMARKS.md, "The fast layers one at a time"."""
 
 from minillm.fast import gelu, linear
 

@@ -6,11 +6,8 @@ reduction over a short last axis; exp(s - m) and the division by the row sum wor
 place in one buffer. On a GPU, exp(s - m) forward and the ds line backward each run
 as one fused kernel (backend.fuse).
 
-Measured 2026-11-30 on a 2-core CPU (python -c with timeit: forward + backward in float32, s (B,
-n_head, T, T), attention's full square, one BLAS thread as in training's shard threads, median over
-15 interleaved rounds of fast time / reference time, two runs): 0.86 and 0.83 at the baby shape
-(B=12, T=64, C=128, 4 heads), 0.88 and 0.89 at the small shape (B=8, T=256, C=384, 6 heads).
-"""
+What it buys in a whole training step: the `without: softmax` row of `python -m minillm.bench.readings`
+(BENCHMARKS.md, "Two readings"); the layer alone: BENCHMARKS.md, "The fast layers one at a time"."""
 
 from minillm.backend import fuse, fusing, get_array_module
 from minillm.fast.rows import row_sums

@@ -77,11 +77,7 @@ class KVCache:
         self.capacity = capacity
         self.k = xp.zeros((batch_size, n_head, 0, head_size), dtype=dtype)
         self.v = xp.zeros((batch_size, n_head, 0, head_size), dtype=dtype)
-
-    @property
-    def length(self):
-        """The number of positions held."""
-        return self.k.shape[2]
+        self.length = 0  # the number of positions held
 
     def append(self, k, v):
         """Add the new positions' k, v (B, n_head, T, hs); return the keys and values of all positions."""
@@ -91,12 +87,14 @@ class KVCache:
         xp = get_array_module(k)
         self.k = xp.concatenate([self.k, k], axis=2)
         self.v = xp.concatenate([self.v, v], axis=2)
+        self.length = end
         return self.k, self.v
 
     def clear(self):
         """Forget every position."""
         self.k = self.k[:, :, :0]
         self.v = self.v[:, :, :0]
+        self.length = 0
 
 
 def forward(x, w_attn, b_attn, w_proj, b_proj, n_head, dropout_p=0.0, rng=None, kv_cache=None, keep_weights=None):
