@@ -22,16 +22,13 @@ from pathlib import Path
 
 import numpy
 
-from minillm import backend, files, memory, tokenizers
-from minillm.model import GPT, ConfigError, GPTConfig
+from minillm import backend, files, finetune, hf, memory, tokenizers
+from minillm.errors import CheckpointError, ConfigError
+from minillm.model import GPT, GPTConfig
 
 FORMAT = "minillm-checkpoint"
 VERSION = 1
 LOCK_FILE = ".lock"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written."""
 
 
 def current_umask():
@@ -384,7 +381,7 @@ def load_merged(path, device, other_ways):
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{path}: no such checkpoint file; train one with `python train.py`, or pass {other_ways}")
     model, tokenizer, _, _ = load(path, device=device)
-    return model.merged(), tokenizer
+    return finetune.merged(model), tokenizer
 
 
 def load_pretrained(path, device="cpu", dtype="float32"):
@@ -393,8 +390,6 @@ def load_pretrained(path, device="cpu", dtype="float32"):
     `dtype` applies to GPT-2 directories; a checkpoint keeps the dtype it was saved with.
     """
     if Path(path).is_dir():
-        from minillm import hf  # hf imports the model, as this module does: import it when needed
-
         model, tokenizer = hf.from_pretrained(path, dtype=dtype, device=device)
         if tokenizer is None:
             raise hf.PretrainedError(f"{path}: no vocab.json and merges.txt, so no tokenizer to encode text with")

@@ -13,16 +13,16 @@ import os
 import re
 import sys
 
-from minillm import backend, checkpoint, data, hf
+from minillm import backend
+from minillm.errors import CheckpointError, ConfigError, DataError, PretrainedError
 from minillm.launch import INTERRUPTED
-from minillm.model import ConfigError
 from minillm.readback import TrainingError
 from minillm.tokenizers.bpe import TokenizerError
 from minillm.tokenizers.char import UnknownCharactersError
 
 DONE, FAILED, USAGE = 0, 1, 2
 USAGE_ERRORS = (ConfigError, backend.BackendError)
-RUN_ERRORS = (data.DataError, checkpoint.CheckpointError, hf.PretrainedError, TrainingError, TokenizerError,
+RUN_ERRORS = (DataError, CheckpointError, PretrainedError, TrainingError, TokenizerError,
               UnknownCharactersError, OSError)
 
 

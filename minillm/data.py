@@ -13,12 +13,9 @@ import numpy
 
 from minillm import files
 from minillm.checkpoint import atomic_write
+from minillm.errors import DataError
 
 TOKEN_FILES = ("train.bin", "val.bin")  # what prepare_splits writes into the out dir
-
-
-class DataError(ValueError):
-    """A corpus that cannot be read or is too small to train on."""
 
 
 def builtin_corpus():

@@ -17,8 +17,9 @@ rounding). Per optimizer step the ranks exchange
     before the step, whether any of them was asked to stop (Ctrl-C), so all stop together;
     before the first forward pass, the counted targets of each micro-batch (a few numbers);
     after the last backward pass, the gradients and the loss: ONE allreduce of one flat
-        buffer (with --zero 1, a reduce-scatter, then the loss and the squared gradient
-        norm as one number each, and an allgather of the parameters; see minillm/zero.py).
+        buffer (with --zero 1, train_step's ranks are a zero.ZeroRanks instead: a reduce-scatter,
+        then the loss and the squared gradient norm as one number each, and an allgather of
+        the parameters; see minillm/zero.py).
 With --grad-accum the gradients of the micro-batches are added up on each rank first.
 The exchange starts after the last backward pass: it does not overlap with it.
 
@@ -30,7 +31,6 @@ other error on one rank aborts the whole job (MPI_Abort), so no rank waits forev
 Nothing here imports mpi4py unless an MPI launcher started this process (see launched_rank).
 """
 
-import copy
 import os
 import sys
 import time
@@ -39,7 +39,7 @@ import numpy
 
 from minillm import backend
 from minillm.layers.cross_entropy import IGNORE_INDEX
-from minillm.model import ConfigError
+from minillm.errors import ConfigError
 
 ABORT_DELAY_S = 1.0
 
@@ -243,14 +243,8 @@ class World:
             self._flat_layout = layout = FlatLayout(grads, extra=1)
         return layout
 
-    across_shards = None  # with the gradients sharded (ZeRO-1), how a squared norm is summed over the ranks
-
-    def sharing(self, optimizer):
-        """This world as train_step sees it when `optimizer` (a zero.ShardedAdamW) keeps a part of each
-        gradient: the gradients reduce-scattered into parts, the squared norm summed over them."""
-        ranks = copy.copy(self)
-        ranks.sum_gradients, ranks.across_shards = optimizer.sum_gradients, optimizer.across_shards
-        return ranks
+    # Each rank holds whole gradients, so their squared norm needs no sum over the ranks (zero.ZeroRanks's does).
+    across_shards = None
 
     def together(self, work):
         """work(), with the ranks agreeing on the outcome: if it failed on any rank, every rank stops.

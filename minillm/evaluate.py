@@ -12,7 +12,7 @@ text equals the completion exactly. Prompts of the same length run as one batch.
 import sys
 from collections import defaultdict
 
-from minillm import backend, checkpoint, cli, sft, tasks
+from minillm import backend, checkpoint, cli, finetune, sft, tasks
 from minillm.sampling import generate
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -63,7 +63,7 @@ def main(argv=None):
 def report(args):
     """Load the model and the pairs, and print the exact-match accuracy and the first mistakes."""
     model, tokenizer, _, _ = checkpoint.load(args.ckpt, device=backend.resolve_device(args.device))
-    model = model.merged().eval()  # LoRA adapters merged: the same logits, no adapter work at each token
+    model = finetune.merged(model).eval()  # LoRA adapters merged: the same logits, no adapter work at each token
     if args.task:
         pairs, described = tasks.examples(args.task, "test"), f"held-out {args.task} problems"
     else:

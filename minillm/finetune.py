@@ -18,8 +18,22 @@ start of every forward pass (`Tuning(model)`):
 
 For a model with nothing frozen and no adapters the Tuning changes nothing: weights are
 the parameters themselves, every gradient is wanted, backward runs to the embeddings.
+
+Adding and removing adapters makes a new model on the same arrays:
+
+    adapted = with_lora(model, rank=8)    adapters on the attention projections; only they train
+    plain = merged(adapted)               adapters folded into the weights: the same logits
+
+A model with adapters forms its adapted weights at every forward and decode call: merge it
+before sampling many tokens. This module builds models as type(model)(...): the model's
+module imports this one, so this one does not import it.
 """
 
+import math
+from dataclasses import replace
+
+from minillm import backend, memory
+from minillm.errors import ConfigError
 from minillm.layers import lora
 
 # The projections each --lora-targets part adapts, in every block.
@@ -43,6 +57,56 @@ def adapter_shapes(config, shapes):
         adapters[layer + ".lora_a"] = (n_in, config.lora_rank)
         adapters[layer + ".lora_b"] = (config.lora_rank, n_out)
     return adapters
+
+
+def init_adapters(config, weights, rng, dtype):
+    """{name: array} of fresh adapters for the config's adapted layers, whose weights are in `weights`.
+
+    a ~ N(0, 1 / n_in), so x @ a keeps the scale of x, and b = 0, so the adapted weight starts
+    equal to the one it adapts. Drawn in the order of adapter_shapes, from `rng`.
+    """
+    shapes = adapter_shapes(config, {name: weight.shape for name, weight in weights.items()})
+    memory.check_fits(
+        sum(math.prod(shape) for shape in shapes.values()) * backend.dtype_of(dtype).itemsize,
+        f"LoRA adapters of rank {config.lora_rank} on {config.lora_targets}", "choose a smaller rank",
+    )
+    return {
+        name: rng.normal(shape, 1.0 / math.sqrt(shape[0]), dtype) if name.endswith("lora_a")
+        else rng.xp.zeros(shape, dtype=dtype)
+        for name, shape in shapes.items()
+    }
+
+
+def with_lora(model, rank, alpha=8.0, targets="attn", seed=0):
+    """A model with `model`'s weights plus fresh LoRA adapters, in which only the adapters train.
+
+    The new model shares `model`'s arrays. Its adapters start with b = 0, so its logits
+    equal `model`'s until they are trained.
+    """
+    if model.config.lora_rank:
+        raise ConfigError("this model already has LoRA adapters; merge them first (finetune.merged)")
+    config = replace(model.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
+    adapters = init_adapters(config, model.params, backend.RNG(seed, model.device), model.dtype)
+    adapted = type(model)(config, seed=seed, dtype=model.dtype, device=model.device, params=model.params | adapters,
+                          layers=model.layers)
+    adapted.frozen = set(model.params)
+    return adapted.train(model.training)
+
+
+def merged(model):
+    """A plain model (no adapters) whose weights are the adapted ones, w + (alpha / r) a @ b.
+
+    It computes the very same weights as the adapted model's forward pass, so its logits
+    are identical. Weights without adapters are shared, not copied. A model without
+    adapters is returned as it is.
+    """
+    if not model.config.lora_rank:
+        return model
+    weights, _ = adapted_weights(model.config, model.params)
+    params = {name: weight for name, weight in weights.items() if not name.endswith(ADAPTERS)}
+    plain = type(model)(replace(model.config, lora_rank=0), dtype=model.dtype, device=model.device, params=params,
+                        layers=model.layers)
+    return plain.train(model.training)
 
 
 def adapted_weights(config, params):

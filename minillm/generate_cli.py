@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from minillm import backend, checkpoint, cli, files, memory
-from minillm.model import ConfigError
+from minillm.errors import ConfigError
 from minillm.sampling import encode_prompt, option_problem, stream
 from minillm.tokenizers.char import UnknownCharactersError
 

@@ -19,7 +19,7 @@ import numpy
 
 import minillm.fast
 import minillm.layers
-from minillm import backend, cli
+from minillm import backend, cli, finetune
 from minillm.model import GPT, GPTConfig, block_backward, block_forward
 from minillm.testing import cases
 from minillm.testing.numeric import TOLERANCE, best_numerical_gradient
@@ -157,7 +157,7 @@ def check(args):
     for reading in readings:
         model = GPT(config, seed=args.seed, dtype="float64", device=device, reference=reading == "reference")
         if args.lora_rank:
-            model = model.with_lora(args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
+            model = finetune.with_lora(model, args.lora_rank, alpha=3.0, targets=args.lora_targets, seed=args.seed)
         randomize(model.params, args.seed)
         models.append(model_report(model, idx, targets, dropout_seed=args.seed, tolerance=args.tolerance))
         print(f"\n{models[-1]}")

@@ -15,9 +15,9 @@ barely learns, one of 1e-1 or more rewrites a tenth of its weights each step (th
 rate is too high for it). Courses quote about 1e-3 as a healthy ratio for plain SGD; AdamW
 moves each weight by about the learning rate, so early in training its ratios sit higher.
 
-LayerWatch wraps the optimizer on the logged steps only: it measures around the optimizer's
-own update and changes no number, so a run with --log-layers takes exactly the steps of one
-without it, and a run without it never builds one.
+LayerWatch looks at the logged steps only: train_step calls it on either side of the optimizer's
+own update, which it measures without changing a number, so a run with --log-layers takes exactly
+the steps of one without it, and a run without it never builds one.
 """
 
 import math
@@ -40,23 +40,28 @@ def group_of(name):
 
 
 class LayerWatch:
-    """An optimizer's step(grads, lr), measured per group; pass it to train_step in place of the optimizer.
+    """The optimizer's update of `params` (name -> the arrays it updates in place), measured per group.
 
-    step() measures on the device and reads nothing back; report() reads the measurement
-    of the last step (a device sync: call it where the loop syncs anyway, at a log line).
+    train_step calls before_update(grads) just before the optimizer's step and after_update(grads)
+    just after it. They measure on the device and read nothing back; report() reads the
+    measurement of the last step (a device sync: call it where the loop syncs anyway, at a log line).
     """
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+    def __init__(self, params):
+        self.params = params
+        self.before = None  # name -> a copy of the parameter as the update found it
         self.sums = None
 
-    def step(self, grads, lr=None):
-        params = self.optimizer.params
-        before = {name: params[name].copy() for name in grads}
-        self.optimizer.step(grads, lr)
+    def before_update(self, grads):
+        """Keep a copy of each parameter that `grads` is about to update."""
+        self.before = {name: self.params[name].copy() for name in grads}
+
+    def after_update(self, grads):
+        """Measure each group's gradients, weights before the update, and the update itself."""
+        before, self.before = self.before, None
         sums = {}  # group -> [sum g^2, sum p^2, sum dp^2], 0-d arrays on the device
         for name, g in grads.items():
-            change = params[name] - before[name]
+            change = self.params[name] - before[name]
             terms = ((g * g).sum(), (before[name] * before[name]).sum(), (change * change).sum())
             group = sums.setdefault(group_of(name), [0.0, 0.0, 0.0])
             for i, term in enumerate(terms):

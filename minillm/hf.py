@@ -3,6 +3,10 @@
     model, tokenizer = hf.from_pretrained("path/to/gpt2")   # tokenizer None without vocab.json/merges.txt
     hf.save_pretrained(model, "out/gpt2", tokenizer)        # transformers' GPT2LMHeadModel loads it
 
+These functions are the one way in and out: the model knows nothing of Hugging Face, and this
+module builds GPT models from what it reads. A directory that cannot be read or written is a
+PretrainedError (minillm/errors.py).
+
 A GPT-2 directory, as on the Hugging Face Hub, holds
     config.json              n_layer, n_head, n_embd, n_positions, vocab_size, layer_norm_epsilon, ...
     model.safetensors        the tensors: a JSON header (each tensor's name, dtype, shape and byte
@@ -31,9 +35,10 @@ import numpy
 import safetensors
 import safetensors.numpy
 
-from minillm import backend, files
+from minillm import backend, files, finetune
+from minillm.errors import ConfigError, PretrainedError
 from minillm.layers import layernorm
-from minillm.model import GPT, ConfigError, GPTConfig, parameter_shapes
+from minillm.model import GPT, GPTConfig, parameter_shapes
 from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
 
 PREFIX = "transformer."
@@ -43,11 +48,6 @@ REQUIRED_CONFIG_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_siz
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 CONFIG_LIMIT = files.MiB
 READABLE_DTYPES = ("F16", "F32", "F64")  # what NumPy can hold and minillm can compute in (after a cast)
-
-
-class PretrainedError(ValueError):
-    """A GPT-2 directory that cannot be read or written."""
-
 
 # -- names ----------------------------------------------------------------------------------------
 
@@ -323,7 +323,7 @@ def save_pretrained(model, directory, tokenizer=None):
     with biases) with the same logits. LoRA adapters are merged into the weights
     first (GPT-2 has no place for them). Returns the directory as a Path.
     """
-    model = model.merged()
+    model = finetune.merged(model)
     if tokenizer is not None and not isinstance(tokenizer, BPETokenizer):
         raise PretrainedError(
             f"a {type(tokenizer).__name__} has no GPT-2 file format; pass tokenizer=None to write the model alone"

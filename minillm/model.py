@@ -18,14 +18,12 @@ attention layer's keys and values of the earlier positions kept in a KV cache
 Parameters live in one place, the dict `model.params`, under GPT-2's names
 (`h.0.attn.c_attn.weight`, ...), with every weight stored input-by-output.
 
-Two readings of every layer compute the same numbers: `minillm.layers`, the reference
-written as the equations read, and `minillm.fast`, the same functions tuned for speed.
-The model runs on the fast layers; GPT(..., reference=True) runs it on the reference, and
-GPT(..., layers=L) on any namespace L of modules with their signatures (a learner's: minillm/exercises).
+Two readings of every layer compute the same numbers: `minillm.layers`, the equations as written, and
+`minillm.fast`, tuned for speed. The model runs on the fast layers; GPT(..., reference=True) on the
+reference, and GPT(..., layers=L) on any namespace L of modules with their signatures (minillm/exercises).
 
-Fine-tuning (frozen parameters, LoRA adapters) reaches forward and backward through one
-object, a finetune.Tuning: the weights a pass uses, which gradients backward forms, and
-how the weights' gradients become the trainable parameters' (see minillm/finetune.py).
+Fine-tuning (frozen parameters, LoRA adapters: minillm/finetune.py) reaches forward and backward
+through one object, a finetune.Tuning. A configuration and token ids are checked in checks.py.
 """
 
 import copy
@@ -34,13 +32,7 @@ from dataclasses import asdict, dataclass, replace
 
 import minillm.fast
 import minillm.layers
-from minillm import backend, finetune, memory
-from minillm.finetune import LORA_TARGETS
-from minillm.layers import cross_entropy, embedding
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot be built."""
+from minillm import backend, checks, finetune, memory
 
 
 @dataclass
@@ -54,43 +46,13 @@ class GPTConfig:
     bias: bool = True  # biases in the linear layers and LayerNorms, as GPT-2
     lora_rank: int = 0  # 0: no adapters
     lora_alpha: float = 8.0  # the adapters' update is scaled by lora_alpha / lora_rank
-    lora_targets: str = "attn"  # comma-separated parts of LORA_TARGETS
+    lora_targets: str = "attn"  # comma-separated parts of finetune.LORA_TARGETS
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ConfigError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ConfigError(f"lora_rank must be 0 (no adapters) or a positive integer, got {self.lora_rank!r}")
-        for name in ("dropout", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"bias must be true or false, got {self.bias!r}")
-        if not isinstance(self.lora_targets, str):
-            raise ConfigError(f"lora_targets must be a string such as 'attn', got {self.lora_targets!r}")
-        parts = self.lora_targets.split(",")
-        if not parts or any(part not in LORA_TARGETS for part in parts) or len(set(parts)) < len(parts):
-            raise ConfigError(
-                f"lora_targets must be {' or '.join(LORA_TARGETS)} or both, comma-separated, got {self.lora_targets!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not 0 < self.lora_alpha < math.inf:
-            raise ConfigError(f"lora_alpha must be positive and finite, got {self.lora_alpha!r}")
+        checks.check_config(vars(self))
 
     def to_dict(self):
         return asdict(self)
-
-    def adapted_layers(self):
-        """Names of the linear layers with LoRA adapters (none when lora_rank is 0)."""
-        return finetune.adapted_layers(self)
 
 
 def parameter_shapes(config):
@@ -116,50 +78,27 @@ def parameter_shapes(config):
     return shapes | finetune.adapter_shapes(config, shapes)
 
 
-def parameter_count(config):
-    """The number of parameters, from the shapes of a one- and a two-block model (no loop over n_layer)."""
-    count = lambda n_layer: sum(math.prod(shape) for shape in parameter_shapes(replace(config, n_layer=n_layer)).values())
-    one = count(1)
-    return one + (config.n_layer - 1) * (count(2) - one)
-
-
-def check_parameters_fit(config, itemsize):
-    """ConfigError, before any allocation, when the parameters alone exceed the machine's memory."""
-    memory.check_fits(
-        parameter_count(config) * itemsize,
-        f"a model of {config.n_layer} blocks of width {config.n_embd}, vocabulary {config.vocab_size}, "
-        f"context {config.block_size}" + (f", LoRA rank {config.lora_rank}" if config.lora_rank else ""),
-        "choose a smaller model",
-    )
-
-
-def init_params(config, rng, dtype, names=None):
+def init_params(config, rng, dtype):
     """GPT-2 initialisation: weights ~ N(0, 0.02^2), biases 0, LayerNorm gains 1.
 
     The projections that write into the residual stream (attn.c_proj, mlp.c_proj)
     get std 0.02 / sqrt(2 * n_layer): 2 * n_layer of them add up along the
     residual path, and this keeps the variance of their sum independent of depth.
-    LoRA adapters: a ~ N(0, 1 / n_in), so x @ a keeps the scale of x, and b = 0,
-    so the adapted weight starts equal to the pretrained one.
-    `names` limits the initialisation to those parameters (default: all of them).
+    LoRA adapters, when the config has them, come last (finetune.init_adapters).
     """
-    check_parameters_fit(config, backend.dtype_of(dtype).itemsize)
+    memory.check_model_fits(config, backend.dtype_of(dtype).itemsize, parameter_shapes)
     xp = rng.xp
     residual_std = 0.02 / math.sqrt(2 * config.n_layer)
     params = {}
-    for name, shape in parameter_shapes(config).items():
-        if names is not None and name not in names:
-            continue
+    for name, shape in parameter_shapes(replace(config, lora_rank=0)).items():
         if name.startswith("ln") or ".ln_" in name:
             params[name] = (xp.ones if name.endswith("weight") else xp.zeros)(shape, dtype=dtype)
-        elif name.endswith("lora_a"):
-            params[name] = rng.normal(shape, 1.0 / math.sqrt(shape[0]), dtype)
-        elif name.endswith("bias") or name.endswith("lora_b"):
+        elif name.endswith("bias"):
             params[name] = xp.zeros(shape, dtype=dtype)
         else:
             std = residual_std if name.endswith("c_proj.weight") else 0.02
             params[name] = rng.normal(shape, std, dtype)
-    return params
+    return params | finetune.init_adapters(config, params, rng, dtype)
 
 
 def block_forward(layers, x, w, prefix, n_head, dropout_p, rng, kv_cache=None, keep_weights=None):
@@ -224,16 +163,13 @@ class GPT:
         model.train() / model.eval()         # dropout on / off (eval also keeps nothing for backward)
         model.layers                         # the layer modules it runs on (default: minillm.fast)
         model.reference = True               # run on minillm.layers, the reference (False: minillm.fast again)
-        model.keep_attention = True          # each forward() keeps every layer's attention weights:
-        model.attention_weights              #   [P of block 0, ...], each (B, n_head, T, T) (minillm/inspect.py)
+        model.keep_attention = True          # forward() keeps model.attention_weights: [P of each block] (inspect.py)
 
         kv_cache = model.new_kv_cache(B)     # sampling: run the prompt once,
         logits = model.decode(prompt, kv_cache)          # then one token at a time
         logits = model.decode(next_ids[:, None], kv_cache)
 
-        model.frozen = {"wte.weight", ...}   # these get no gradient (and no optimizer state)
-        lora_model = model.with_lora(rank=8)  # adapters on the attention projections; only they train
-        plain = lora_model.merged()           # adapters folded into the weights: the same logits
+        model.frozen = {"wte.weight", ...}   # no gradient; trainable_params() leaves them out (minillm/finetune.py)
     """
 
     def __init__(self, config, seed=0, dtype="float32", device="cpu", params=None, reference=False, layers=None):
@@ -250,8 +186,7 @@ class GPT:
         self.frozen = set()
         self.training = True
         self._cache = None
-        # Off, forward() keeps no attention weights and attention_weights stays None.
-        self.keep_attention = False
+        self.keep_attention = False  # off: forward() keeps no attention weights, attention_weights stays None
         self.attention_weights = None
 
     @property
@@ -262,19 +197,6 @@ class GPT:
     @reference.setter
     def reference(self, reference):
         self.layers = minillm.layers if reference else minillm.fast
-
-    @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu"):
-        """(model, tokenizer or None) from a Hugging Face GPT-2 directory; see minillm.hf."""
-        from minillm import hf  # hf builds GPT models itself: import it when it is used
-
-        return hf.from_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write config.json + model.safetensors (+ the BPE tokenizer's files); see minillm.hf."""
-        from minillm import hf
-
-        hf.save_pretrained(self, directory, tokenizer)
 
     def train(self, mode=True):
         self.training = mode
@@ -288,8 +210,7 @@ class GPT:
         self.rng = backend.RNG(seed, self.device)
 
     def replica(self):
-        """A model on these very parameters with a forward cache and dropout generator of its own,
-        for one thread of a batch split across threads (minillm/parallel.py)."""
+        """A model on these very parameters with its own forward cache and dropout generator (parallel.py)."""
         twin = copy.copy(self)
         twin._cache = None
         return twin
@@ -302,66 +223,6 @@ class GPT:
         """name -> parameter for every parameter not in self.frozen: what an optimizer should update."""
         return {name: p for name, p in self.params.items() if name not in self.frozen}
 
-    def with_lora(self, rank, alpha=8.0, targets="attn", seed=0):
-        """A model with this one's weights plus fresh LoRA adapters, in which only the adapters train.
-
-        The new model shares this one's arrays. Its adapters start with b = 0, so
-        its logits equal this model's until they are trained.
-        """
-        if self.config.lora_rank:
-            raise ConfigError("this model already has LoRA adapters; merge them first (model.merged())")
-        config = replace(self.config, lora_rank=rank, lora_alpha=alpha, lora_targets=targets)
-        adapters = [name for name in parameter_shapes(config) if name not in self.params]
-        params = self.params | init_params(config, backend.RNG(seed, self.device), self.dtype, names=adapters)
-        model = GPT(config, seed=seed, dtype=self.dtype, device=self.device, params=params, layers=self.layers)
-        model.frozen = set(self.params)
-        return model.train(self.training)
-
-    def merged(self):
-        """A plain model (no adapters) whose weights are the adapted ones, w + (alpha / r) a @ b.
-
-        It computes the very same weights as the adapted model's forward pass, so
-        its logits are identical. Weights without adapters are shared, not copied.
-        A model without adapters is returned as it is.
-        """
-        if not self.config.lora_rank:
-            return self
-        weights, _ = finetune.adapted_weights(self.config, self.params)
-        config = replace(self.config, lora_rank=0)
-        params = {name: weights[name] for name in parameter_shapes(config)}
-        model = GPT(config, dtype=self.dtype, device=self.device, params=params, layers=self.layers)
-        return model.train(self.training)
-
-    def _token_array(self, ids):
-        """Integer ids on the model's device (the one host-to-device copy of a batch)."""
-        return self.xp.asarray(ids)
-
-    def _checked_tokens(self, idx, targets):
-        """idx and targets (or None) checked, then on the model's device.
-
-        The checks come before the copy: a batch from the data arrives on the host,
-        where checking costs nothing. Ids already on a GPU are checked there, and
-        reading the verdict waits for the GPU to finish its queued work.
-        """
-        cfg = self.config
-        idx = backend.get_array_module(idx).asarray(idx)
-        embedding.check_token_ids(idx, cfg.vocab_size, cfg.block_size)
-        if targets is None:
-            return self._token_array(idx), None
-        targets = backend.get_array_module(targets).asarray(targets)
-        if targets.shape != idx.shape:
-            raise embedding.TokenIdError(
-                f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}"
-            )
-        # Targets index the logits: out of range, NumPy would read another row and CuPy wrap around.
-        outside = (targets != cross_entropy.IGNORE_INDEX) & ((targets < 0) | (targets >= cfg.vocab_size))
-        if bool(outside.any()):
-            raise embedding.TokenIdError(
-                f"targets must lie in [0, {cfg.vocab_size}) or be IGNORE_INDEX ({cross_entropy.IGNORE_INDEX}), "
-                f"got {int(targets[outside][0])}"
-            )
-        return self._token_array(idx), self._token_array(targets)
-
     def __call__(self, idx, targets=None):
         return self.forward(idx, targets)
 
@@ -372,7 +233,7 @@ class GPT:
         and sampling want no gradients, and kept activations would add to the next step's peak).
         """
         cfg, layers = self.config, self.layers
-        idx, targets = self._checked_tokens(idx, targets)
+        idx, targets = checks.token_batch(idx, targets, cfg, self.xp)
         tuning = finetune.Tuning(self)
         w = tuning.weights
         dropout_p = cfg.dropout if self.training else 0.0
@@ -425,41 +286,30 @@ class GPT:
 
     def new_kv_cache(self, batch_size):
         """Empty key/value buffers for decode(): per layer, k and v of shape (B, n_head, block_size, hs)."""
-        cfg = self.config
-        return [
-            self.layers.attention.KVCache(
-                batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head, self.dtype, self.xp
-            )
-            for _ in range(cfg.n_layer)
-        ]
+        cfg, hs = self.config, self.config.n_embd // self.config.n_head
+        return [self.layers.attention.KVCache(batch_size, cfg.n_head, cfg.block_size, hs, self.dtype, self.xp)
+                for _ in range(cfg.n_layer)]
 
     def decode(self, idx, kv_cache):
         """Logits (B, vocab_size) of the last of the new tokens idx (B, T), given the cached past.
 
-        The kv_cache (from new_kv_cache) holds P positions: 0 for the prompt's
-        "prefill", then 1 more after each call. idx are the tokens at positions
-        P..P+T-1, so they get the position embeddings wpe[P : P + T]:
+        The kv_cache (from new_kv_cache) holds P positions: 0 for the prompt's "prefill", then 1 more
+        after each call. idx are the tokens at positions P..P+T-1, so they get wpe[P : P + T]:
 
             x      = wte[idx] + wpe[P : P + T]
             x      = the blocks of forward(), each attention layer with its own cache
             logits = layernorm_f(x[:, -1]) @ wte^T
 
-        Only the last position's logits are computed: they are all sampling needs,
-        and the LM head is the largest matrix product of a decoding step. There is
-        no dropout and nothing is kept for backward(). Token ids are not checked
-        here (that costs a device sync each step): check a prompt once with
-        embedding.check_token_ids; sampled ids are in range by construction.
-        A model with LoRA adapters forms its adapted weights at every call: merge
-        it first (merged()) to sample quickly.
+        Only the last position's logits are computed: they are all sampling needs, and the LM head is
+        the largest matrix product of a decoding step. There is no dropout and nothing is kept for
+        backward(). Token ids are not checked here (that costs a device sync each step): check a prompt
+        once with embedding.check_token_ids; sampled ids are in range by construction.
         """
         cfg, layers = self.config, self.layers
         w, _ = finetune.adapted_weights(cfg, self.params)
-        idx = self._token_array(idx)
+        idx = self.xp.asarray(idx)
         start, T = kv_cache[0].length, idx.shape[1]
-        if start + T > cfg.block_size:
-            raise embedding.TokenIdError(
-                f"positions up to {start + T} do not fit the model's block_size {cfg.block_size}"
-            )
+        checks.check_context(start + T, cfg.block_size)
         x = w["wte.weight"][idx] + w["wpe.weight"][start : start + T]
         for i, layer_cache in enumerate(kv_cache):
             x, _ = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, 0.0, None, layer_cache)

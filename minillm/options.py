@@ -2,16 +2,17 @@
 
 An option's value comes from a flag, a --config file or a saved run's train_config
 (minillm/train_cli.py); each is checked here, its type first (field_problem), then
-whether it can work with the others (validate). A ConfigError names the option as
-its flag.
+whether it can work with the others (validate). The options that shape the model
+(n_layer, n_embd, dropout, lora_rank, ...) are checked by checks.check_config, as
+GPTConfig checks itself. A ConfigError names the option as its flag.
 """
 
 import json
 import math
 from dataclasses import dataclass, fields
 
-from minillm import backend, parallel
-from minillm.model import ConfigError, GPTConfig
+from minillm import backend, checks, parallel
+from minillm.errors import ConfigError
 
 
 @dataclass
@@ -122,13 +123,11 @@ def validate(cfg):
         problem = field_problem(name, getattr(cfg, name))
         if problem:
             raise ConfigError(problem)
-    positive = (
-        "n_layer", "n_head", "n_embd", "block_size",
-        "batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval",
-    )
+    checks.check_config(vars(cfg), flag)
+    positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
     non_negative = (
         "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip", "threads",
-        "patience", "freeze_blocks", "lora_rank", "seed",
+        "patience", "freeze_blocks", "seed",
     )
     for name in positive:
         if not getattr(cfg, name) >= 1:
@@ -136,15 +135,11 @@ def validate(cfg):
     for name in non_negative:
         if not 0 <= getattr(cfg, name) < math.inf:
             raise ConfigError(f"{flag(name)} must be 0 or more (and finite), got {getattr(cfg, name)}")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     if not 0 < cfg.lr < math.inf:
         raise ConfigError(f"--lr must be positive and finite, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:
         raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the floor of the decay must not exceed its peak")
-    if not 0 < cfg.lora_alpha < math.inf:
-        raise ConfigError(f"--lora-alpha must be positive and finite, got {cfg.lora_alpha}")
-    for name in ("beta1", "beta2", "dropout"):
+    for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
     if cfg.resume and cfg.overwrite:
@@ -163,10 +158,6 @@ def validate(cfg):
         raise ConfigError("--extend-vocab adds embedding rows that must train: leave out --freeze-embeddings and --lora-rank")
     if cfg.merge_lora and not cfg.lora_rank:
         raise ConfigError("--merge-lora merges LoRA adapters: give --lora-rank too")
-    try:
-        GPTConfig(vocab_size=1, block_size=1, n_layer=1, n_head=1, n_embd=1, lora_targets=cfg.lora_targets)
-    except ConfigError as err:
-        raise ConfigError(f"--lora-targets: {err}") from None
     if cfg.zero not in (0, 1):
         raise ConfigError(f"--zero must be 0 (off) or 1 (AdamW's moments sharded across the ranks), got {cfg.zero}")
     backend.dtype_of(cfg.dtype)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy
 
 from minillm import files, tasks
-from minillm.data import DataError
+from minillm.errors import DataError
 from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.tokenizers.char import UnknownCharactersError
 

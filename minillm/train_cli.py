@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from minillm import backend, checkpoint, cli, data, distributed, files
-from minillm.model import ConfigError
+from minillm.errors import ConfigError
 from minillm.options import PRESETS, TrainConfig, field_problem, flag
 from minillm.training import LAST_CHECKPOINT, train
 

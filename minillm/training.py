@@ -46,16 +46,17 @@ from pathlib import Path
 import numpy
 from threadpoolctl import threadpool_limits
 
-from minillm import backend, checkpoint, data, distributed, evaluate, memory, parallel, sft
+from minillm import backend, checkpoint, data, distributed, evaluate, finetune, memory, parallel, sft
+from minillm.errors import ConfigError
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
-from minillm.model import GPT, ConfigError, GPTConfig
+from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.options import TrainConfig, validate
 from minillm.progress import LOG_FILE, PLOT_FILE, Progress, Silent, plot_losses
 from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
-from minillm.zero import ShardedAdamW
+from minillm.zero import ShardedAdamW, ZeroRanks
 
 BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
@@ -67,29 +68,45 @@ RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
 
 
-def train_step(model, optimizer, batch, step, cfg, watch, ranks=distributed.ALONE):
+def train_step(model, optimizer, batch, step, cfg, watch, ranks=distributed.ALONE, layer_watch=None):
     """One optimizer step; returns (mean loss, gradient norm before clipping, tokens).
 
-    `model` is a GPT, or a parallel.ShardedGPT (the same pair, the batch split across
-    threads); `batch(rng)` draws a micro-batch (idx, targets); `watch` is a NonfiniteWatch.
-    `ranks` is the job this process is one rank of (minillm/distributed.py): each rank
-    draws its own rows, and the ranks sum their weighted gradients. ALONE: this process only.
+    `batch(rng)` draws a micro-batch (idx, targets) of this rank's rows; `model` is a GPT or a
+    parallel.ShardedGPT (the batch split across threads); `watch` is a NonfiniteWatch. `ranks` is
+    the job this process is one rank of: a distributed.World (ALONE: this process only), or a
+    zero.ZeroRanks under --zero 1. `layer_watch`, a health.LayerWatch (--log-layers, on logged
+    steps), measures the update without changing a number.
     """
     keys = (step, *ranks.stream_keys)  # several ranks: (step, rank), so each draws its own rows and masks
     batch_rng = stream_rng(cfg.seed, BATCH_STREAM, *keys)
     micro_batches = [batch(batch_rng) for _ in range(cfg.grad_accum)]
     weights, tokens = ranks.weigh(micro_batches)  # each micro-batch's share of the step: 1/grad_accum alone
-    loss, grads = 0.0, None
-    for micro, ((idx, targets), weight) in enumerate(zip(micro_batches, weights)):
-        model.reseed(stream_seed(cfg.seed, DROPOUT_STREAM, *keys, micro))  # this micro-batch's dropout masks
-        _, micro_loss = model(idx, targets)
-        grads = add_gradients(grads, model.backward(), weight)
-        loss = loss + weight * micro_loss
+    dropout_seeds = [stream_seed(cfg.seed, DROPOUT_STREAM, *keys, micro) for micro in range(cfg.grad_accum)]
+    loss, grads = loss_and_gradients(model, micro_batches, weights, dropout_seeds)
     loss, grads = ranks.sum_gradients(loss, grads)  # one allreduce over the ranks (none alone)
     grad_norm = clip_grad_norm(grads, cfg.grad_clip, ranks.across_shards)
     watch.step_done(step, loss, grad_norm, grads)  # a non-finite step stops here, before its update
+    if layer_watch is not None:
+        layer_watch.before_update(grads)
     optimizer.step(grads, lr=learning_rate(step, cfg))
+    if layer_watch is not None:
+        layer_watch.after_update(grads)
     return loss, grad_norm, tokens
+
+
+def loss_and_gradients(model, micro_batches, weights, dropout_seeds):
+    """(loss, gradients) of this rank's micro-batches: the sum of weight * (mean loss, gradients) over them.
+
+    Each micro-batch takes its forward then its backward pass (parallel.forward_backward), with
+    the dropout masks of its own seed.
+    """
+    loss, grads = 0.0, None
+    for (idx, targets), weight, seed in zip(micro_batches, weights, dropout_seeds):
+        model.reseed(seed)
+        micro_loss, micro_grads = parallel.forward_backward(model, idx, targets)
+        grads = add_gradients(grads, micro_grads, weight)
+        loss = loss + weight * micro_loss
+    return loss, grads
 
 
 def add_gradients(total, grads, weight=1.0):
@@ -253,7 +270,7 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distribut
             if cfg.lora_rank:
                 if model.config.lora_rank:
                     raise ConfigError(f"{cfg.init_from} already has LoRA adapters; fine-tune its merged.npz instead")
-                model = model.with_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+                model = finetune.with_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
         start_step, best_val, since_best, optimizer_state = 0, math.inf, 0, None
     else:
         model, _, meta, optimizer_state = resumed
@@ -325,7 +342,7 @@ class Run:
     @property
     def ranks(self):
         """The world as train_step sees it: with --zero 1 the optimizer keeps a part of each gradient."""
-        return self.world.sharing(self.optimizer) if isinstance(self.optimizer, ShardedAdamW) else self.world
+        return ZeroRanks(self.world, self.optimizer) if isinstance(self.optimizer, ShardedAdamW) else self.world
 
     def save(self, path, **extra):
         """Write a checkpoint from rank 0; every rank must call this (with --zero 1 the moments are gathered)."""
@@ -542,7 +559,7 @@ def loop(run, progress, stop_requested):
     # Reading values back is free on the CPU and costly on a GPU: see minillm/readback.py.
     clock, watch = StepClock(run.device), NonfiniteWatch(run.device, run.model.dtype, run.out_dir)
     # --log-layers: the logged steps' updates measured per parameter group (minillm/health.py).
-    layer_watch = LayerWatch(run.optimizer) if cfg.log_layers else None
+    layer_watch = LayerWatch(run.model.params) if cfg.log_layers else None
 
     def sync_point():
         """Let the device finish the queued steps; fail if one of them went non-finite."""
@@ -575,9 +592,9 @@ def loop(run, progress, stop_requested):
                 return None
 
             logged = (step + 1) % cfg.log_interval == 0 or step == start_step
-            optimizer = layer_watch if logged and layer_watch else run.optimizer
             clock.start()
-            loss, grad_norm, tokens = train_step(model, optimizer, train_batch, step, cfg, watch, ranks)
+            loss, grad_norm, tokens = train_step(model, run.optimizer, train_batch, step, cfg, watch, ranks,
+                                                 layer_watch if logged else None)
             clock.count(tokens)
             run.step = step + 1
             if logged:
@@ -643,7 +660,7 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
         f"best val loss {meta['val_loss']:.4f} at step {meta['step']}\n"
         f"trained: steps {start_step} to {run.step} in {seconds:.1f} s"
     )
-    best_model = best_model.merged()  # LoRA adapters folded in (a plain model stays as it is)
+    best_model = finetune.merged(best_model)  # LoRA adapters folded in (a plain model stays as it is)
     samples = show_samples(run, best_model, cfg.sample_tokens, cfg.seed)
     if samples:
         print(f"{'held-out prompts' if run.held_out else 'sample'} from the best checkpoint:\n{samples}")

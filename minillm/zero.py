@@ -1,11 +1,12 @@
 """ZeRO stage 1: AdamW's moments sharded across the ranks, so each rank keeps 1/N of them.
 
 The trainable parameters live in one flat buffer, cut into N equal parts (the last one
-padded with zeros); rank r owns part r. A step (train_step with --zero 1):
+padded with zeros); rank r owns part r. A step (train_step with --zero 1, its `ranks` a ZeroRanks):
 
     reduce-scatter   rank r receives part r of the gradients, summed over the ranks
+                     (ZeroRanks.sum_gradients)
     norm             the squared gradient norm of each part, summed over the ranks (two numbers,
-                     with the loss), so clipping scales by the whole gradient's norm
+                     with the loss), so clipping scales by the whole gradient's norm (ZeroRanks.across_shards)
     update           rank r takes the AdamW step of its part only, with its part of m and v
     allgather        every rank receives every updated part: the parameters are whole again
 
@@ -105,3 +106,27 @@ class ShardedAdamW:
                 array, start = saved[name], self.layout.spans[name][0]
                 mine[a:b] = xp.asarray(array.reshape(-1)[self.lo + a - start:self.lo + b - start])
         self.t = int(state["t"])
+
+
+class ZeroRanks:
+    """The ranks of `world` as train_step sees them when `optimizer` (a ShardedAdamW) keeps a part of each
+    gradient: the same draws and weights as the world's, but the gradients reduce-scattered into the
+    optimizer's parts, and a squared norm summed over those parts."""
+
+    def __init__(self, world, optimizer):
+        self.world, self.optimizer = world, optimizer
+
+    @property
+    def stream_keys(self):
+        return self.world.stream_keys
+
+    def weigh(self, micro_batches):
+        return self.world.weigh(micro_batches)
+
+    def sum_gradients(self, loss, grads):
+        """(loss summed over the ranks, this rank's part of the summed gradients): ShardedAdamW.sum_gradients."""
+        return self.optimizer.sum_gradients(loss, grads)
+
+    def across_shards(self, squared_norm):
+        """The whole gradient's squared norm from this rank's part's: ShardedAdamW.across_shards."""
+        return self.optimizer.across_shards(squared_norm)

@@ -23,7 +23,7 @@ from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
 from minillm.readback import NonfiniteWatch
-from minillm.zero import ShardedAdamW
+from minillm.zero import ShardedAdamW, ZeroRanks
 
 CONFIG = GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=2, n_embd=6)
 ROWS, STEPS = 5, 3  # 5 rows: 3 and 2 on two ranks, an uneven split
@@ -49,7 +49,7 @@ def train_steps(world, zero, accum, device, steps=STEPS):
     cfg = training.TrainConfig(grad_accum=accum, grad_clip=0.5, lr=1e-2, warmup_iters=0, max_iters=steps)
     if zero:
         optimizer = ShardedAdamW(model, world, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        ranks = world.sharing(optimizer)
+        ranks = ZeroRanks(world, optimizer)
     else:
         optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         ranks = world
@@ -117,7 +117,7 @@ def identical(world, out, device):
         cfg = training.TrainConfig(batch_size=4, grad_accum=2, warmup_iters=1, max_iters=6, seed=5)
         options = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         optimizer = ShardedAdamW(model, world, **options) if zero else AdamW(model.trainable_params(), **options)
-        ranks = world.sharing(optimizer) if zero else world
+        ranks = ZeroRanks(world, optimizer) if zero else world
         drawn = []
 
         def batch(rng):

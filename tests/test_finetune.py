@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import random_tokens, tiny_model
-from minillm import checkpoint, evaluate, sft, tasks, training
+from minillm import checkpoint, evaluate, finetune, sft, tasks, training
+from minillm.errors import ConfigError
 from minillm.layers import linear
 from minillm.layers.cross_entropy import IGNORE_INDEX
-from minillm.model import ConfigError
 from minillm.tokenizers.char import CharTokenizer
 from minillm.training import TrainConfig, train
 
@@ -80,15 +80,15 @@ def test_frozen_linear_layers_skip_their_weight_gradient():
 def test_lora_starts_as_the_base_model_and_merges_to_identical_logits(dtype, targets):
     base = tiny_model(dtype=dtype, n_layer=2).eval()
     idx = random_tokens(7, (3, 5), 0)
-    adapted = base.with_lora(2, alpha=4.0, targets=targets, seed=1)
+    adapted = finetune.with_lora(base, 2, alpha=4.0, targets=targets, seed=1)
     assert numpy.array_equal(adapted(idx)[0], base(idx)[0])  # b = 0: nothing changed yet
     assert set(adapted.trainable_params()) == {
-        f"{layer}.{kind}" for layer in adapted.config.adapted_layers() for kind in ("lora_a", "lora_b")
+        f"{layer}.{kind}" for layer in finetune.adapted_layers(adapted.config) for kind in ("lora_a", "lora_b")
     }
     for name, p in adapted.params.items():  # as if trained: every adapter non-zero
         if name.endswith("lora_b"):
             p[...] = numpy.random.default_rng(2).normal(size=p.shape)
-    merged = adapted.merged()
+    merged = finetune.merged(adapted)
     assert merged.config.lora_rank == 0 and merged.params.keys() == base.params.keys()
     assert not numpy.array_equal(adapted(idx)[0], base(idx)[0])
     assert numpy.array_equal(merged(idx)[0], adapted(idx)[0])
@@ -100,9 +100,9 @@ def test_lora_starts_as_the_base_model_and_merges_to_identical_logits(dtype, tar
 def test_bad_lora_options_are_config_errors():
     model = tiny_model()
     with pytest.raises(ConfigError, match="lora_targets"):
-        model.with_lora(2, targets="attn,ffn")
+        finetune.with_lora(model, 2, targets="attn,ffn")
     with pytest.raises(ConfigError, match="already has LoRA"):
-        model.with_lora(2).with_lora(2)
+        finetune.with_lora(finetune.with_lora(model, 2), 2)
 
 
 # -- prompt/completion data ---------------------------------------------------------------------

@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillm import checkpoint, cli, evaluate, generate_cli, gradcheck, hf, options, sft, testing, train_cli, training
-from minillm.model import GPT, ConfigError, GPTConfig
+from minillm.errors import ConfigError
+from minillm.model import GPT, GPTConfig
 from minillm.tokenizers.bpe import BPETokenizer, TokenizerError
 from minillm.training import TrainConfig
 

@@ -26,7 +26,8 @@ import minillm.layers
 from helpers import random_tokens, tiny_model
 from minillm import backend, testing
 from minillm.layers import cross_entropy, dropout, embedding, layernorm, softmax
-from minillm.model import GPT, ConfigError, GPTConfig
+from minillm.errors import ConfigError
+from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 
 SEED = st.integers(0, 2**32 - 1)

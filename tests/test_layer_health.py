@@ -56,14 +56,14 @@ def test_norms_are_those_of_the_models_gradients_and_ratios_those_of_the_step(tm
         model = GPT(CONFIG, seed=4, dtype="float64")
         before = {name: p.copy() for name, p in model.params.items()}
         optimizer = AdamW(model.trainable_params(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        stepper = LayerWatch(optimizer) if watched else optimizer
-        _, grad_norm, _ = train_step(model, stepper, lambda rng: (idx, targets), 0, cfg,
-                                     NonfiniteWatch("cpu", model.dtype, tmp_path))
+        layer_watch = LayerWatch(model.params) if watched else None
+        _, grad_norm, _ = train_step(model, optimizer, lambda rng: (idx, targets), 0, cfg,
+                                     NonfiniteWatch("cpu", model.dtype, tmp_path), layer_watch=layer_watch)
         runs[watched] = model.params
     for name, p in runs[True].items():
         assert numpy.array_equal(p, runs[False][name]), name  # measuring changes no number
 
-    layers = stepper.report(grad_norm, grad_clip)["layers"]
+    layers = layer_watch.report(grad_norm, grad_clip)["layers"]
     assert list(layers) == list(dict.fromkeys(group_of(name) for name in model.params))
     change = {name: runs[True][name] - before[name] for name in before}
     for group, measured in layers.items():
@@ -113,9 +113,10 @@ def test_the_watch_measures_on_the_models_device(tmp_path, xp_device):
     host(idx, targets)
     grads = {name: g.astype(numpy.float64) for name, g in host.backward().items()}
     model = GPT(CONFIG, device=xp_device, params={n: backend.to_device(p, xp_device) for n, p in host.params.items()})
-    watch = LayerWatch(AdamW(model.trainable_params()))
-    _, grad_norm, _ = train_step(model, watch, lambda rng: (idx, targets), 0, TrainConfig(grad_clip=0.0),
-                                 NonfiniteWatch(xp_device, model.dtype, tmp_path))
+    watch = LayerWatch(model.params)
+    _, grad_norm, _ = train_step(model, AdamW(model.trainable_params()), lambda rng: (idx, targets), 0,
+                                 TrainConfig(grad_clip=0.0), NonfiniteWatch(xp_device, model.dtype, tmp_path),
+                                 layer_watch=watch)
     for group, measured in watch.report(grad_norm, 0.0)["layers"].items():
         assert measured["grad_norm"] == pytest.approx(group_norm(grads, group), rel=1e-4)
         assert 0 < measured["update_ratio"] < 1

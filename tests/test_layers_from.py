@@ -1,8 +1,8 @@
 """The model, AdamW and train.py on a layer set of their own: `python train.py --layers-from exercises/`.
 
 - GPT(config, layers=minillm.layers) is GPT(config, reference=True), to the bit; a layer set's own
-  block_backward is the one the backward pass calls, on every thread; with_lora(), merged() and
-  replica() keep the layers;
+  block_backward is the one the backward pass calls, on every thread; finetune.with_lora(),
+  finetune.merged() and replica() keep the layers;
 - AdamW(update=f) and ShardedAdamW(update=f) take their steps with f;
 - a learner whose every layer file is the reference's trains with the losses of --reference, on
   one thread and on the default count, and is told that the layers are theirs;
@@ -19,7 +19,7 @@ import pytest
 
 import minillm.fast
 import minillm.layers
-from minillm import distributed, gradcheck, parallel, train_cli
+from minillm import distributed, finetune, gradcheck, parallel, train_cli
 from minillm.model import GPT, GPTConfig, block_backward
 from minillm.optim import AdamW, adamw_update
 from minillm.training import TrainConfig, train
@@ -96,8 +96,8 @@ def test_a_layer_set_with_its_own_block_backward_has_it_called_on_every_thread()
 def test_lora_merging_replicas_and_the_reference_switch_keep_or_pick_the_layers():
     layers = reference_namespace()
     model = GPT(CONFIG, layers=layers)
-    adapted = model.with_lora(2)
-    assert adapted.layers is layers and adapted.merged().layers is layers and model.replica().layers is layers
+    adapted = finetune.with_lora(model, 2)
+    assert adapted.layers is layers and finetune.merged(adapted).layers is layers and model.replica().layers is layers
     model.reference = True
     assert model.layers is minillm.layers and model.reference
     model.reference = False

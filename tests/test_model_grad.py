@@ -19,7 +19,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from helpers import random_tokens
-from minillm import gradcheck
+from minillm import finetune, gradcheck
 from minillm.model import GPT, GPTConfig
 
 
@@ -70,14 +70,14 @@ def test_model_gradients_match_finite_differences(reference, config, batch_size,
 @pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
 def test_lora_adapter_gradients_match_finite_differences(reference, config, rank, targets, seed):
     model = GPT(config, seed=seed, dtype="float64", reference=reference)
-    model = model.with_lora(rank, alpha=2.0, targets=targets, seed=seed)
+    model = finetune.with_lora(model, rank, alpha=2.0, targets=targets, seed=seed)
     gradcheck.randomize(model.params, seed)  # b != 0, so that a's gradient is not zero
     idx = random_tokens(config.vocab_size, (2, config.block_size), seed)
     targets_ids = random_tokens(config.vocab_size, (2, config.block_size), seed + 1)
     report = gradcheck.model_report(model, idx, targets_ids, dropout_seed=seed)
     names = [row.name for row in report.rows]
     assert names and all(name.endswith((".lora_a", ".lora_b")) for name in names)
-    assert len(names) == 2 * len(model.config.adapted_layers())
+    assert len(names) == 2 * len(finetune.adapted_layers(model.config))
     assert_ok_where_something_was_kept(report, config)
 
 

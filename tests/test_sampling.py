@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import minillm.fast
 import minillm.layers
-from minillm import backend, checkpoint
+from minillm import backend, checkpoint, hf
 from minillm.layers import embedding
 from minillm.model import GPT, GPTConfig
 from minillm.generate_cli import SampleText
@@ -400,7 +400,7 @@ def test_generate_from_a_gpt2_directory(tmp_path):
     from minillm.tokenizers.bpe import BPETokenizer
 
     tokenizer = BPETokenizer.train("some text for a tiny tokenizer", 270)
-    GPT(GPTConfig(tokenizer.vocab_size, 16, 1, 2, 8)).save_pretrained(tmp_path, tokenizer)
+    hf.save_pretrained(GPT(GPTConfig(tokenizer.vocab_size, 16, 1, 2, 8)), tmp_path, tokenizer)
     result = subprocess.run(
         [sys.executable, str(GENERATE), "--init-from", str(tmp_path), "--prompt", "some ☃", "--max-new-tokens", "5"],
         capture_output=True, text=True,

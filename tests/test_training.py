@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from minillm import checkpoint, data
+from minillm import checkpoint, data, hf
 from minillm.sampling import generate
 from minillm.training import TrainConfig, train
 
@@ -237,7 +237,7 @@ def test_init_from_a_checkpoint_or_a_gpt2_directory_starts_from_those_weights(tm
 
     tokenizer = BPETokenizer.train(corpus.read_text()[:5000], 300)
     gpt2_dir = tmp_path / "gpt2"
-    GPT(GPTConfig(tokenizer.vocab_size, 32, 1, 2, 8)).save_pretrained(gpt2_dir, tokenizer)
+    hf.save_pretrained(GPT(GPTConfig(tokenizer.vocab_size, 32, 1, 2, 8)), gpt2_dir, tokenizer)
     options = {**TINY, "max_iters": 2, "eval_interval": 1, "n_layer": 5}  # the model options are the directory's
     tuned = train(TrainConfig(data=str(corpus), out_dir=str(tmp_path / "bpe"), init_from=str(gpt2_dir), **options))
     assert tuned.config.n_layer == 1 and tuned.config.vocab_size == tokenizer.vocab_size

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from threadpoolctl import threadpool_limits
 
 from helpers import random_tokens
-from minillm import fast, gradcheck
+from minillm import fast, finetune, gradcheck
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
 from minillm.readback import NonfiniteWatch
@@ -82,7 +82,7 @@ def test_fine_tuning_gradients_agree(tuning):
     config = GPTConfig(vocab_size=7, block_size=6, n_layer=3, n_head=2, n_embd=8, dropout=0.1)
     models = both_models(config, seed=4)
     if tuning == "lora":
-        models = [model.with_lora(2, alpha=3.0, targets="attn,mlp", seed=5) for model in models]
+        models = [finetune.with_lora(model, 2, alpha=3.0, targets="attn,mlp", seed=5) for model in models]
         for model in models:
             gradcheck.randomize(model.params, 6)
     else:
@@ -148,4 +148,4 @@ def test_the_switch_picks_the_layers():
     assert model.layers is fast
     model.reference = True
     assert model.layers.attention.__name__ == "minillm.layers.attention"
-    assert model.with_lora(1).reference and model.replica().reference
+    assert finetune.with_lora(model, 1).reference and model.replica().reference

@@ -20,7 +20,8 @@ import minillm.fast
 import minillm.layers
 from minillm import optim, parallel
 from minillm.bench.common import format_table, interleaved_times, write_section
-from minillm.bench.training import CONFIGS, training_step
+from minillm.bench.configs import CONFIGS
+from minillm.bench.training import training_step
 
 TITLE = "Two readings: the reference layers against the fast ones"
 

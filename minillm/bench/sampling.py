@@ -24,7 +24,7 @@ import time
 import numpy
 from threadpoolctl import threadpool_limits
 
-from minillm import blas_threads, data
+from minillm import blas_threads, data, hf
 from minillm.bench.common import format_table, write_section
 from minillm.bench.training import installed_version
 from minillm.model import GPT, GPTConfig
@@ -121,7 +121,7 @@ def row(name, config, new_tokens, rounds, transformers):
         if transformers and new_tokens < config.block_size:
             from minillm.bench.transformers_reference import TransformersProcess
 
-            model.save_pretrained(directory)
+            hf.save_pretrained(model, directory)
             reference = TransformersProcess(directory, new_tokens)
         try:
             seconds, differed = measure(model, new_tokens, rounds, reference)

@@ -40,7 +40,7 @@ def worker(kind, steps):
     from threadpoolctl import threadpool_limits
 
     from minillm import distributed, parallel
-    from minillm.bench.training import CONFIGS, benchmark_tokens
+    from minillm.bench.configs import CONFIGS, benchmark_tokens
     from minillm.model import GPT
     from minillm.optim import AdamW
     from minillm.readback import NonfiniteWatch
@@ -94,7 +94,7 @@ def collectives(repeat):
     import numpy
 
     from minillm import distributed
-    from minillm.bench.training import CONFIGS
+    from minillm.bench.configs import CONFIGS
 
     world = distributed.join()
     small = sum(math.prod(s) for s in _shapes(CONFIGS["small"][0]))
@@ -121,7 +121,7 @@ def collectives(repeat):
 
 
 def _shapes(config):
-    from minillm.bench.training import parameter_shapes
+    from minillm.model import parameter_shapes
 
     return parameter_shapes(config).values()
 

@@ -8,8 +8,9 @@ PyTorch's own allocator and thread settings, untouched by minillm's:
 
     python -m minillm.bench.torch_reference CONFIG THREADS
 
-builds the benchmark configuration CONFIG, then runs one training step for each
-line it reads and answers each with a line of its own. TorchProcess drives it.
+builds the benchmark configuration CONFIG (bench/configs.py, the one minillm's side
+times too), then runs one training step for each line it reads and answers each
+with a line of its own. TorchProcess drives it.
 """
 
 import subprocess
@@ -18,6 +19,8 @@ import sys
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from minillm.bench.configs import CONFIGS, benchmark_tokens
 
 
 class Block(nn.Module):
@@ -87,8 +90,6 @@ class TorchProcess:
 
 
 def serve(config_name, threads):
-    from minillm.bench.training import CONFIGS, benchmark_tokens
-
     config, batch_size, _ = CONFIGS[config_name]
     step = training_step(config, benchmark_tokens(config, batch_size), threads)
     for _ in sys.stdin:

@@ -26,19 +26,14 @@ import numpy
 
 from minillm import parallel
 from minillm.bench.common import format_table, interleaved_times, write_section
+from minillm.bench.configs import CONFIGS, benchmark_tokens
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
-from minillm.model import GPT, GPTConfig
+from minillm.model import GPT, parameter_shapes
 from minillm.optim import AdamW
 from minillm.readback import NonfiniteWatch
 from minillm.training import TrainConfig, train_step
 
 TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
-CONFIGS = {
-    # name: (model, batch size, timed steps)
-    "baby": (GPTConfig(vocab_size=103, block_size=64, n_layer=4, n_head=4, n_embd=128), 12, 41),
-    "small": (GPTConfig(vocab_size=103, block_size=256, n_layer=6, n_head=6, n_embd=384), 8, 15),
-    "gpt2": (GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768), 1, 5),
-}
 
 
 def flops_per_step(config, batch_size):
@@ -46,12 +41,6 @@ def flops_per_step(config, batch_size):
     n = sum(numpy.prod(shape) for name, shape in parameter_shapes(config).items() if name != "wpe.weight")
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     return (6 * n + 12 * L * H * Q * T) * batch_size * T
-
-
-def parameter_shapes(config):
-    from minillm.model import parameter_shapes as shapes
-
-    return shapes(config)
 
 
 def analytic_memory_bytes(config, batch_size):
@@ -72,11 +61,6 @@ def analytic_memory_bytes(config, batch_size):
     per_block = 20 * B * T * C + config.n_head * B * kept_weights
     activations = config.n_layer * per_block + 2 * B * T * C + 3 * B * T * V
     return 4 * (4 * params + activations)
-
-
-def benchmark_tokens(config, batch_size):
-    """The (batch_size, block_size) token ids that both minillm and PyTorch train on."""
-    return numpy.random.default_rng(0).integers(0, config.vocab_size, (batch_size, config.block_size))
 
 
 def training_step(config, batch_size, threads, reference=False):
