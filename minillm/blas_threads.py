@@ -40,7 +40,7 @@ def idle_seconds():
 
     Time the hypervisor gave to other machines ("steal") is not idle: it is lost to us too.
     """
-    with open("/proc/stat") as stat:
+    with open("/proc/stat", encoding="utf-8") as stat:
         ticks = [int(field) for field in stat.readline().split()[1:6]]
     idle, iowait = ticks[3], ticks[4]
     return (idle + iowait) / os.sysconf("SC_CLK_TCK"), time.process_time()

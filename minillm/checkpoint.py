@@ -216,14 +216,16 @@ def read_member(archive, path, name, shape=None, dtype=None, limit=None):
             version = numpy.lib.format.read_magic(stream)
             if version not in ((1, 0), (2, 0)):
                 raise ValueError(f"{name}: .npy format version {version}")
-            header = numpy.lib.format.read_array_header_1_0 if version == (1, 0) else numpy.lib.format.read_array_header_2_0
+            header = (numpy.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else numpy.lib.format.read_array_header_2_0)
             stored_shape, fortran_order, stored_dtype = header(stream)
             problem = member_problem(stored_shape, stored_dtype, shape, dtype, limit)
             if problem:
                 raise CheckpointError(f"{path}: {name} {problem}")
             nbytes = math.prod(stored_shape) * stored_dtype.itemsize
             if info.file_size != stream.tell() + nbytes:
-                raise ValueError(f"{name}: the zip declares {info.file_size} bytes, the .npy header {stream.tell() + nbytes}")
+                raise ValueError(f"{name}: the zip declares {info.file_size} bytes, "
+                                 f"the .npy header {stream.tell() + nbytes}")
             array = numpy.empty(stored_shape, stored_dtype, order="F" if fortran_order else "C")
             view = memoryview(array.reshape(-1, order="A").view(numpy.uint8)) if nbytes else b""
             got = 0
@@ -248,7 +250,8 @@ def member_problem(stored_shape, stored_dtype, shape, dtype, limit):
     if shape is not None and tuple(stored_shape) != tuple(shape):
         return f"has the shape {tuple(stored_shape)}, where the model's is {tuple(shape)}"
     if limit is not None and math.prod(stored_shape) * stored_dtype.itemsize > limit:
-        return f"declares {math.prod(stored_shape) * stored_dtype.itemsize:,} bytes, more than the {limit:,} it may have"
+        return (f"declares {math.prod(stored_shape) * stored_dtype.itemsize:,} bytes, "
+                f"more than the {limit:,} it may have")
     return None
 
 
@@ -318,7 +321,8 @@ def check_member_names(archive, path, model, has_optimizer):
     unknown = [name for name in ours if name.split("/", 1)[1] not in model.params]
     if unknown:
         raise CheckpointError(f"{path}: the member {unknown[0]!r} is no parameter of this model")
-    moments = {kind: {name.split("/", 1)[1] for name in ours if name.startswith(kind)} for kind in ("adam_m/", "adam_v/")}
+    moments = {kind: {name.split("/", 1)[1] for name in ours if name.startswith(kind)}
+               for kind in ("adam_m/", "adam_v/")}
     if moments["adam_m/"] != moments["adam_v/"] or (moments["adam_m/"] and not has_optimizer):
         raise CheckpointError(f"{path}: the optimizer moments adam_m and adam_v do not match")
 
@@ -379,7 +383,8 @@ def load_merged(path, device, other_ways):
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
-        raise CheckpointError(f"{path}: no such checkpoint file; train one with `python train.py`, or pass {other_ways}")
+        raise CheckpointError(f"{path}: no such checkpoint file; train one with `python train.py`, "
+                              f"or pass {other_ways}")
     model, tokenizer, _, _ = load(path, device=device)
     return finetune.merged(model), tokenizer
 

@@ -40,7 +40,8 @@ def read_text(path):
     if path.is_dir():
         text_files = sorted(path.glob("*.txt"))
         if not text_files:
-            raise DataError(f"{path}: the folder has no .txt files; point --data at a text file or a folder of .txt files")
+            raise DataError(f"{path}: the folder has no .txt files; "
+                            "point --data at a text file or a folder of .txt files")
     else:
         text_files = [path]
     parts = []

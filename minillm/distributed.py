@@ -38,8 +38,8 @@ import time
 import numpy
 
 from minillm import backend
-from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.errors import ConfigError
+from minillm.layers.cross_entropy import IGNORE_INDEX
 
 ABORT_DELAY_S = 1.0
 

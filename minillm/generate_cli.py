@@ -100,7 +100,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
     parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--reference", action="store_true",
-                        help="sample on the reference layers (minillm/layers: the equations as written) instead of the fast ones")
+                        help="sample on the reference layers (minillm/layers: the equations as written) "
+                             "instead of the fast ones")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     for name in ("num_samples", "max_new_tokens"):

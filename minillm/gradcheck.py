@@ -93,7 +93,8 @@ def build_parser():
                         help="dropout probability in [0, 1); the same masks in every perturbed pass (default: 0.1)")
     parser.add_argument("--no-bias", action="store_true", help="check the bias-free variant")
     parser.add_argument("--lora-rank", type=int, default=0, metavar="R",
-                        help="check LoRA adapters of this rank (only they are checked, as only they train; default: 0, none)")
+                        help="check LoRA adapters of this rank "
+                             "(only they are checked, as only they train; default: 0, none)")
     parser.add_argument("--lora-targets", default="attn,mlp",
                         help="the projections with adapters: attn, mlp or attn,mlp (default: attn,mlp)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",

@@ -127,7 +127,8 @@ def config_from_hf(hf_config, where="config.json"):
         (get("activation_function", "gelu_new") not in GELU_TANH,
          f"activation_function is {get('activation_function')!r}; minillm has GPT-2's gelu_new"),
         (get("n_inner") not in (None, 4 * n_embd), f"n_inner is {get('n_inner')!r}; minillm's MLP is 4 * n_embd wide"),
-        (not get("scale_attn_weights", True), "scale_attn_weights is false; minillm scales attention by 1/sqrt(head size)"),
+        (not get("scale_attn_weights", True),
+         "scale_attn_weights is false; minillm scales attention by 1/sqrt(head size)"),
         (get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is true; minillm does not"),
         (get("add_cross_attention", False), "add_cross_attention is true; minillm has no cross-attention"),
     ]
@@ -293,7 +294,8 @@ def unreadable(path, err):
 def read_tokenizer(directory, config):
     """The BPE tokenizer of a GPT-2 directory, or None when it has neither vocab.json nor merges.txt."""
     # Anything by these names counts as present: a FIFO or a folder is then refused by name when read.
-    present = [name for name in ("vocab.json", "merges.txt") if (directory / name).exists() or (directory / name).is_symlink()]
+    present = [name for name in ("vocab.json", "merges.txt")
+               if (directory / name).exists() or (directory / name).is_symlink()]
     if not present:
         return None
     if len(present) == 1:
@@ -330,7 +332,8 @@ def save_pretrained(model, directory, tokenizer=None):
         )
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise PretrainedError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size {model.config.vocab_size}"
+            f"the tokenizer has {tokenizer.vocab_size} tokens, "
+            f"more than the model's vocab_size {model.config.vocab_size}"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -126,8 +126,8 @@ def validate(cfg):
     checks.check_config(vars(cfg), flag)
     positive = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval")
     non_negative = (
-        "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip", "threads",
-        "patience", "freeze_blocks", "seed",
+        "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "min_lr", "weight_decay", "grad_clip",
+        "threads", "patience", "freeze_blocks", "seed",
     )
     for name in positive:
         if not getattr(cfg, name) >= 1:
@@ -138,7 +138,8 @@ def validate(cfg):
     if not 0 < cfg.lr < math.inf:
         raise ConfigError(f"--lr must be positive and finite, got {cfg.lr}")
     if cfg.min_lr > cfg.lr:
-        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the floor of the decay must not exceed its peak")
+        raise ConfigError(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: "
+                          "the floor of the decay must not exceed its peak")
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
@@ -155,7 +156,8 @@ def validate(cfg):
         if getattr(cfg, name) and not cfg.init_from:
             raise ConfigError(f"{flag(name)} fine-tunes a pretrained model: give --init-from too")
     if cfg.extend_vocab and (cfg.freeze_embeddings or cfg.lora_rank):
-        raise ConfigError("--extend-vocab adds embedding rows that must train: leave out --freeze-embeddings and --lora-rank")
+        raise ConfigError("--extend-vocab adds embedding rows that must train: "
+                          "leave out --freeze-embeddings and --lora-rank")
     if cfg.merge_lora and not cfg.lora_rank:
         raise ConfigError("--merge-lora merges LoRA adapters: give --lora-rank too")
     if cfg.zero not in (0, 1):

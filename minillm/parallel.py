@@ -28,7 +28,6 @@ import numpy
 
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
-
 # More threads than this is a typo rather than a machine; each thread holds a replica's caches.
 MAX_THREADS = 1024
 

@@ -22,7 +22,8 @@ class Progress:
         kept = lines_before(self.log_path, start_step)
         atomic_write(self.log_path, lambda f: f.write("".join(kept).encode("utf-8")))
         # Never through a symbolic link: its target would get our lines.
-        self.log = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)), "a")
+        self.log = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)), "a",
+                        encoding="utf-8")
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -116,7 +117,7 @@ def lines_before(log_path, step):
 def entries_with(log_path, key):
     """{step: entry} of the log's entries that hold `key` (a later entry of the same step wins)."""
     found = {}
-    for line in Path(log_path).read_text().splitlines():
+    for line in Path(log_path).read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
         except ValueError:

@@ -75,7 +75,8 @@ def end_id(tokenizer):
     try:
         return tokenizer.encode("\n")[0]
     except UnknownCharactersError:
-        raise SFTError("the tokenizer has neither an end-of-text token nor a newline, so no completion could end") from None
+        raise SFTError("the tokenizer has neither an end-of-text token nor a newline, "
+                       "so no completion could end") from None
 
 
 def encode(examples, tokenizer, block_size, source):

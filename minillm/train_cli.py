@@ -83,7 +83,8 @@ def build_parser():
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (default: baby)")
-    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of options (keys as the flags, without --)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a TOML or JSON file of options (keys as the flags, without --)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     defaults = TrainConfig()
     for field in fields(TrainConfig):
@@ -140,7 +141,8 @@ def saved_options(out_dir):
     path = Path(out_dir) / LAST_CHECKPOINT
     saved = checkpoint.read_meta(path).get("train_config")
     if not isinstance(saved, dict):
-        raise checkpoint.CheckpointError(f"{path}: meta.json has no train_config table; it is not a training run's last.npz")
+        raise checkpoint.CheckpointError(f"{path}: meta.json has no train_config table; "
+                                         "it is not a training run's last.npz")
     try:
         return checked_options(saved, f"{path}: train_config")
     except ConfigError as err:
@@ -179,7 +181,7 @@ def resolve_config(args):
 def main(argv=None):
     parser = build_parser()
     # Under mpiexec every rank parses the same flags: rank 0 alone shows their errors (and --help).
-    with open(os.devnull, "w") as devnull, contextlib.ExitStack() as quiet:
+    with open(os.devnull, "w", encoding="utf-8") as devnull, contextlib.ExitStack() as quiet:
         if distributed.launched_rank() not in (None, 0):
             quiet.enter_context(contextlib.redirect_stdout(devnull))
             quiet.enter_context(contextlib.redirect_stderr(devnull))

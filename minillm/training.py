@@ -62,7 +62,8 @@ BEST_CHECKPOINT = "ckpt.npz"
 LAST_CHECKPOINT = "last.npz"
 MERGED_CHECKPOINT = "merged.npz"
 HELD_OUT_SHOWN = 3
-RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT_FILE, LAYERS_PLOT_FILE)  # --overwrite deletes
+RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT_FILE,
+             LAYERS_PLOT_FILE)  # --overwrite deletes
 
 # Independent random streams, each seeded with (seed, stream, step).
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
@@ -296,7 +297,8 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distribut
         try:
             optimizer.load_state_dict(optimizer_state)
         except ValueError as err:
-            raise ConfigError(f"{LAST_CHECKPOINT}: {err}; resume with the freeze and LoRA options of that run") from None
+            raise ConfigError(f"{LAST_CHECKPOINT}: {err}; "
+                              "resume with the freeze and LoRA options of that run") from None
     return model, optimizer, start_step, best_val, since_best
 
 
@@ -368,7 +370,7 @@ def train(cfg):
     world = distributed.join()
     with contextlib.ExitStack() as held:
         if not world.is_main:  # only rank 0 prints
-            held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w"))))
+            held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w", encoding="utf-8"))))
         # Every rank sets up; if that fails on any of them, all stop (the first failed rank says why).
         cfg, run = world.together(lambda: start(cfg, world, held))
         if run.device == "cuda":
@@ -581,7 +583,8 @@ def loop(run, progress, stop_requested):
                 run.save(run.last_path)
             if stopped_early:
                 progress.print(
-                    f"early stop at step {step}: no better val loss in {run.since_best} evaluations (--patience {cfg.patience})"
+                    f"early stop at step {step}: no better val loss in {run.since_best} evaluations "
+                    f"(--patience {cfg.patience})"
                 )
             if stopped_early or step >= cfg.max_iters:
                 return losses, plotted

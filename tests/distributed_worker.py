@@ -51,7 +51,8 @@ def train_steps(world, zero, accum, device, steps=STEPS):
         optimizer = ShardedAdamW(model, world, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         ranks = ZeroRanks(world, optimizer)
     else:
-        optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        optimizer = AdamW(model.trainable_params(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                          weight_decay=cfg.weight_decay)
         ranks = world
     recorded = {}
     step_of = optimizer.step
@@ -78,7 +79,8 @@ def whole_gradient(world, optimizer, recorded):
     for name, (a, b) in optimizer.pieces.items():
         flat[optimizer.lo + a:optimizer.lo + b] = recorded[name]
     world.allreduce(flat)  # the parts do not overlap: their sum is the whole
-    return {name: flat[start:end].reshape(optimizer.shapes[name]) for name, (start, end) in optimizer.layout.spans.items()}
+    return {name: flat[start:end].reshape(optimizer.shapes[name])
+            for name, (start, end) in optimizer.layout.spans.items()}
 
 
 def steps(world, out, device):
@@ -131,7 +133,7 @@ def identical(world, out, device):
         params, rows = every_ranks(world, digest(model.params.values())), every_ranks(world, digest(drawn))
         results[str(zero)] = {"same_params": len(set(params)) == 1, "distinct_rows": len(set(rows)) == world.size}
     if world.is_main:
-        with open(out, "w") as f:
+        with open(out, "w", encoding="utf-8") as f:
             json.dump(results, f)
 
 

@@ -7,8 +7,7 @@ different numbers, or failing with any other exception, is a bug.
 
 import numpy
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from minillm import checkpoint
 from minillm.model import GPT, GPTConfig

@@ -14,8 +14,8 @@ import pytest
 
 from minillm import backend, data
 from minillm.model import GPT, GPTConfig
-from minillm.sampling import generate
 from minillm.readback import TrainingError
+from minillm.sampling import generate
 from minillm.training import TrainConfig, train
 
 

@@ -190,12 +190,15 @@ def test_a_rank_that_fails_alone_ends_the_job(tmp_path, corpus, how):
 def test_a_usage_error_is_one_line_from_rank_0(tmp_path, corpus):
     result = mpiexec(2, "train.py", "--data", str(corpus), "--out-dir", str(tmp_path), "--lr", "fast")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["train.py: error: argument --lr: invalid float value: 'fast' (see --help)"]
+    assert result.stderr.strip().splitlines() == [
+        "train.py: error: argument --lr: invalid float value: 'fast' (see --help)"
+    ]
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_launched_by_mpiexec_without_mpi4py_is_one_line_from_rank_0(tmp_path, corpus, rank):
-    blocked = "import sys; sys.modules['mpi4py'] = None; from minillm.train_cli import main; sys.exit(main(sys.argv[1:]))"
+    blocked = ("import sys; sys.modules['mpi4py'] = None; "
+               "from minillm.train_cli import main; sys.exit(main(sys.argv[1:]))")
     result = subprocess.run(
         [sys.executable, "-c", blocked, "--data", str(corpus), "--out-dir", str(tmp_path), *flags()],
         capture_output=True, text=True, cwd=ROOT, env={**without_launcher(), "PMI_RANK": rank, "PMI_SIZE": "2"},

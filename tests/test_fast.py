@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 import minillm.fast as fast
 import minillm.layers as layers

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from helpers import random_tokens, tiny_model
+from hypothesis import given, settings, strategies as st
+
 from minillm import checkpoint, evaluate, finetune, sft, tasks, training
 from minillm.errors import ConfigError
 from minillm.layers import linear
@@ -173,7 +172,8 @@ def test_freezing_keeps_frozen_parameters_and_gives_them_no_optimizer_state(pret
     fine_tune(pretrained, tmp_path, freeze_embeddings=True, freeze_blocks=1)
     before, _ = checkpoint.read_arrays(pretrained)
     after, _ = checkpoint.read_arrays(tmp_path / "last.npz")
-    frozen = [n for n in before if n.startswith("params/") and (n.startswith("params/h.0.") or "wte" in n or "wpe" in n)]
+    frozen = [n for n in before
+              if n.startswith("params/") and (n.startswith("params/h.0.") or "wte" in n or "wpe" in n)]
     trained = [n for n in before if n.startswith("params/") and n not in frozen]
     assert all(numpy.array_equal(before[n], after[n]) for n in frozen)
     assert not any(numpy.array_equal(before[n], after[n]) for n in trained if n.endswith("weight"))
@@ -227,7 +227,8 @@ def test_freezing_everything_or_more_blocks_than_exist_is_a_usage_error(pretrain
 
 
 def test_sft_characters_missing_from_the_pretrained_vocabulary_are_named_with_their_line(pretrained, tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "1+1=", "completion": "2"}, {"prompt": "§", "completion": "2"}])
+    path = write_jsonl(tmp_path / "pairs.jsonl",
+                       [{"prompt": "1+1=", "completion": "2"}, {"prompt": "§", "completion": "2"}])
     result = subprocess.run(
         [sys.executable, "train.py", "--init-from", str(pretrained), "--sft", str(path), "--out-dir", str(tmp_path),
          "--device", "cpu"],

@@ -15,8 +15,7 @@ from unittest import mock
 
 import numpy
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from minillm import backend, optim
 from minillm.fast import adamw, attention, gelu, layernorm, softmax

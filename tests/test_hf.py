@@ -209,14 +209,16 @@ def test_bad_config_is_refused(tmp_path, changes, match):
 
 
 def test_config_and_tensors_of_different_shapes(tmp_path):
-    assert_refused(write_gpt2_dir(tmp_path, n_embd=16), r"transformer\.wte\.weight has shape \(40, 8\), but config.json makes it \(40, 16\)")
+    assert_refused(write_gpt2_dir(tmp_path, n_embd=16),
+                   r"transformer\.wte\.weight has shape \(40, 8\), but config.json makes it \(40, 16\)")
 
 
 def test_linear_layout_weights_are_refused_by_shape(tmp_path):
     tensors = gpt2_tensors()
     name = "transformer.h.0.mlp.c_fc.weight"
     tensors[name] = numpy.ascontiguousarray(tensors[name].T)  # torch.nn.Linear's (out, in)
-    assert_refused(write_gpt2_dir(tmp_path, tensors), r"mlp\.c_fc\.weight has shape \(32, 8\), but config.json makes it \(8, 32\)")
+    assert_refused(write_gpt2_dir(tmp_path, tensors),
+                   r"mlp\.c_fc\.weight has shape \(32, 8\), but config.json makes it \(8, 32\)")
 
 
 def test_missing_and_unexpected_tensors(tmp_path):

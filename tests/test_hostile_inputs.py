@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minillm import checkpoint, cli, evaluate, generate_cli, gradcheck, hf, options, sft, testing, train_cli, training
 from minillm.errors import ConfigError
@@ -169,7 +168,8 @@ def path_case(name, tmp_path, trained, corpus, bpe_checkpoint, file_name="target
     if name == "generate --ckpt":
         return generate_cli.main, ["--ckpt", target, "--max-new-tokens", 2, "--device", "cpu"], target
     if name == "generate --prompt-file":
-        return generate_cli.main, ["--ckpt", ckpt, "--prompt-file", target, "--max-new-tokens", 2, "--device", "cpu"], target
+        return generate_cli.main, ["--ckpt", ckpt, "--prompt-file", target, "--max-new-tokens", 2,
+                                   "--device", "cpu"], target
     if name == "evaluate --ckpt":
         return evaluate.main, ["--ckpt", target, "--task", "addition", "--device", "cpu"], target
     if name == "evaluate --data":
@@ -207,8 +207,8 @@ def test_every_path_argument_names_what_the_path_is_instead_of_a_file(
 # ---------------------------------------------------------------- any JSON value in any field
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-10, max_value=100) | st.integers(min_value=HUGE, max_value=10**30)
-    | st.floats() | st.text(max_size=6),
+    st.none() | st.booleans() | st.integers(min_value=-10, max_value=100)
+    | st.integers(min_value=HUGE, max_value=10**30) | st.floats() | st.text(max_size=6),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
     max_leaves=6,
 )
@@ -229,7 +229,9 @@ TRAIN_FIELDS = {field.name: field.type for field in fields(TrainConfig)}
 
 @settings(max_examples=60)
 @given(name=st.sampled_from(sorted(TRAIN_FIELDS)), value=json_values | st.just(DEEP), dashes=st.booleans())
-def test_a_config_file_value_of_any_json_type_is_taken_only_if_of_the_option_type(tmp_path_factory, name, value, dashes):
+def test_a_config_file_value_of_any_json_type_is_taken_only_if_of_the_option_type(
+    tmp_path_factory, name, value, dashes
+):
     path = tmp_path_factory.mktemp("config") / "options.json"
     key = name.replace("_", "-") if dashes else name
     path.write_text(value if value is DEEP else json.dumps({key: value}), encoding="utf-8")
@@ -341,7 +343,8 @@ def rezipped(data, extra=(), compression=zipfile.ZIP_STORED):
         for info in source.infolist():
             target.writestr(info.filename, source.read(info))
         for name, member in extra:
-            with pytest.warns(UserWarning, match="Duplicate") if name in source.namelist() else contextlib.nullcontext():
+            with (pytest.warns(UserWarning, match="Duplicate") if name in source.namelist()
+                  else contextlib.nullcontext()):
                 target.writestr(name, member)
     return buffer.getvalue()
 
@@ -373,7 +376,8 @@ def test_a_member_that_declares_a_huge_shape_is_refused_before_it_is_inflated(tm
     with zipfile.ZipFile(buffer, "w") as target:
         for info in source.infolist():
             member = source.read(info)
-            target.writestr(info.filename, header.getvalue() + b"\0" * 64 if info.filename == "params/wpe.weight.npy" else member)
+            target.writestr(info.filename,
+                            header.getvalue() + b"\0" * 64 if info.filename == "params/wpe.weight.npy" else member)
     path.write_bytes(buffer.getvalue())
     with pytest.raises(checkpoint.CheckpointError, match="wpe.weight"):
         checkpoint.load(path)
@@ -386,7 +390,8 @@ def test_loading_opens_only_the_members_the_model_needs(tmp_path, trained, monke
                               compression=zipfile.ZIP_DEFLATED))
     opened = []
     real_open = zipfile.ZipFile.open
-    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
+    monkeypatch.setattr(zipfile.ZipFile, "open",
+                        lambda self, name, *a, **k: opened.append(getattr(name, "filename", name))
                         or real_open(self, name, *a, **k))
     model, *_ = checkpoint.load(path)
     assert "extra/zeros.npy" not in opened and "params/wte.weight.npy" in opened
@@ -590,7 +595,7 @@ def test_a_second_ctrl_c_during_a_step_exits_130_without_a_traceback(tmp_path, c
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_full_standard_output_is_one_line_naming_it(trained):
-    with open("/dev/full", "w") as full:
+    with open("/dev/full", "w", encoding="utf-8") as full:
         result = subprocess.run(
             [sys.executable, "generate.py", "--ckpt", str(trained / "ckpt.npz"), "--max-new-tokens", "300",
              "--device", "cpu"], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 import minillm
 import minillm.fast as fast
@@ -277,7 +276,8 @@ def test_the_weights_are_kept_and_read_on_the_models_device(xp_device):
     """On a GPU the kept weights are CuPy arrays; look_inside brings them to the host (skipped without one)."""
     model, tokenizer = char_model(dtype="float32")
     ids = tokenizer.encode("the cat sat")
-    on_device = GPT(TINY, device=xp_device, params={n: backend.to_device(p, xp_device) for n, p in model.params.items()})
+    on_device = GPT(TINY, device=xp_device,
+                    params={n: backend.to_device(p, xp_device) for n, p in model.params.items()})
     for reference in (True, False):
         model.reference = on_device.reference = reference
         found, expected = look_inside(on_device, tokenizer, ids), look_inside(model, tokenizer, ids)

@@ -18,15 +18,14 @@ import math
 
 import numpy
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from helpers import random_tokens, tiny_model
+from hypothesis import given, strategies as st
 
 import minillm.fast
 import minillm.layers
-from helpers import random_tokens, tiny_model
 from minillm import backend, testing
-from minillm.layers import cross_entropy, dropout, embedding, layernorm, softmax
 from minillm.errors import ConfigError
+from minillm.layers import cross_entropy, dropout, embedding, layernorm, softmax
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 
@@ -112,7 +111,8 @@ def test_attention_rows_are_probabilities_and_zero_above_the_diagonal(B, T, n_he
 def test_causal_blocks_give_the_unblocked_numbers(B, T, n_head, query_block, seed):
     rng = numpy.random.default_rng(seed)
     C = 2 * n_head
-    inputs = rng.normal(size=(B, T, C)), rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C), rng.normal(size=(C, C)), None
+    inputs = (rng.normal(size=(B, T, C)), rng.normal(size=(C, 3 * C)), rng.normal(size=3 * C),
+              rng.normal(size=(C, C)), None)
     dout = rng.normal(size=(B, T, C))
     results = []
     for block in (query_block, T):

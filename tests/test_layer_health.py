@@ -106,7 +106,8 @@ def test_log_layers_leaves_training_bit_identical_and_logs_every_group(tmp_path,
 
 
 def test_the_watch_measures_on_the_models_device(tmp_path, xp_device):
-    """Measured on a GPU, read back at report(): the host's float64 norms to float32's precision (skipped without one)."""
+    """Measured on a GPU, read back at report(): the host's float64 norms to float32's precision
+    (skipped without one)."""
     rng = numpy.random.default_rng(1)
     idx, targets = rng.integers(0, CONFIG.vocab_size, size=(2, 2, 8))
     host = GPT(CONFIG, seed=2)

@@ -10,8 +10,7 @@ entries, repeated tokens, ignored targets, dropout masks that keep something).
 
 import numpy
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import example, given, strategies as st
 
 import minillm.fast
 import minillm.layers

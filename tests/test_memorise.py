@@ -11,8 +11,8 @@ attention output, or masking everything but the diagonal, leaves the loss near 1
 import math
 
 import numpy
-
 from helpers import random_tokens
+
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW
 

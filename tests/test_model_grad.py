@@ -15,10 +15,9 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import Phase, given, settings
-from hypothesis import strategies as st
-
 from helpers import random_tokens
+from hypothesis import Phase, given, settings, strategies as st
+
 from minillm import finetune, gradcheck
 from minillm.model import GPT, GPTConfig
 

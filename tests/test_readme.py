@@ -79,5 +79,5 @@ def test_stop_texts_take_the_usual_escapes_as_a_shell_passes_them():
 
 def test_one_final_newline_of_a_prompt_from_standard_input_is_dropped(monkeypatch):
     for given, prompt in (("Class \n", "Class "), ("two\n\n", "two\n"), ("none", "none")):
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(given.encode())))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(given.encode()), encoding="utf-8"))
         assert generate_cli.parse_args(["--prompt", "-"]).prompt == prompt

@@ -278,7 +278,9 @@ def fail_after_writing(error):
     ],
     ids=["disk full", "Ctrl-C"],
 )
-def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_path, trained, monkeypatch, error, raised):
+def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(
+    tmp_path, trained, monkeypatch, error, raised
+):
     path = tmp_path / "ckpt.npz"
     path.write_bytes(trained.read_bytes())
     model, tokenizer, _, _ = checkpoint.load(path)
@@ -295,7 +297,8 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(trained):
     result = run_script("generate.py", "--ckpt", trained, "--prompt", "the " * 10, "--max-new-tokens", "3",
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    assert result.stderr == "generate.py: note: the prompt has 40 tokens; the model sees only the last 8 (its context)\n"
+    assert result.stderr == ("generate.py: note: the prompt has 40 tokens; "
+                             "the model sees only the last 8 (its context)\n")
 
 
 @pytest.mark.skipif(backend.cuda_available(), reason="here --device auto finds a GPU")

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import minillm.fast
 import minillm.layers
 from minillm import backend, checkpoint, hf
+from minillm.generate_cli import SampleText
 from minillm.layers import embedding
 from minillm.model import GPT, GPTConfig
-from minillm.generate_cli import SampleText
 from minillm.sampling import encode_prompt, generate, keep_top_k, keep_top_p, sample_next, stream
 from minillm.tokenizers.char import CharTokenizer
 

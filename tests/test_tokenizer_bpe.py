@@ -7,8 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from minillm import checkpoint, data, tokenizers
 from minillm.model import GPT, GPTConfig
@@ -219,13 +218,15 @@ def test_saved_and_loaded_tokenizer_encodes_identically(trained, tmp_path):
     loaded = BPETokenizer.load(tmp_path)
     text = data.builtin_corpus()[100_000:120_000] + "".join(TRICKY_TEXTS)
     assert loaded.encode(text) == trained.encode(text)
-    assert (loaded.vocab, loaded.merges, loaded.special_tokens) == (trained.vocab, trained.merges, trained.special_tokens)
+    assert ((loaded.vocab, loaded.merges, loaded.special_tokens)
+            == (trained.vocab, trained.merges, trained.special_tokens))
 
 
 def test_dict_round_trip_through_json(trained):
     restored = tokenizers.from_dict(json.loads(json.dumps(trained.to_dict())))
     assert isinstance(restored, BPETokenizer)
-    assert (restored.vocab, restored.merges, restored.special_tokens) == (trained.vocab, trained.merges, trained.special_tokens)
+    assert ((restored.vocab, restored.merges, restored.special_tokens)
+            == (trained.vocab, trained.merges, trained.special_tokens))
 
 
 def test_checkpoint_records_the_bpe_tokenizer(trained, tmp_path):

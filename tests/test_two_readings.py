@@ -13,11 +13,10 @@ layer alone):
 
 import numpy
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from helpers import random_tokens
+from hypothesis import example, given, settings, strategies as st
 from threadpoolctl import threadpool_limits
 
-from helpers import random_tokens
 from minillm import fast, finetune, gradcheck
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW

@@ -49,7 +49,7 @@ def interleaved_times(functions, steps, sync=None):
 def machine_description():
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -77,13 +77,14 @@ def write_section(title, body, path=BENCHMARKS_FILE):
         f"Command: `{command_line()}`\n\n"
         f"{body.strip()}\n"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nMeasured tables; each section names the command that reproduces it.\n"
+    text = (path.read_text(encoding="utf-8") if path.exists()
+            else "# Benchmarks\n\nMeasured tables; each section names the command that reproduces it.\n")
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
 
 
 def command_line():

@@ -8,8 +8,9 @@ and AdamW on one batch, as train.py runs it on a GPU (one thread); FLOPs are
 nanoGPT's count (see bench/training.py), MFU their rate over the ceiling. GPT-2
 small trains with the largest batch of 64, 32, 16, ... that fits. Each step is timed
 in turns with the same step on the plain array code (fused kernels off) and on the
-reference layers (minillm.layers), and each speedup is the median of the per-round ratios. Sampling is greedy with the KV
-cache, batch 1, on the device and, for comparison, on this machine's CPU.
+reference layers (minillm.layers), and each speedup is the median of the per-round
+ratios. Sampling is greedy with the KV cache, batch 1, on the device and, for
+comparison, on this machine's CPU.
 Every clock is read after synchronising the device. CuPy computes float32 matrix
 products in full float32 unless CUPY_TF32=1 is set: the ceiling and the steps
 then use TF32 alike.
@@ -88,7 +89,8 @@ def train_row(name, device, steps, gflops_ceiling):
     tokens = batch_size * config.block_size
     achieved = flops_per_step(config, batch_size) / seconds / 1e9
     return [name, batch_size, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", f"{achieved:,.0f}",
-            f"{100 * achieved / gflops_ceiling:.0f}%", f"{1000 * statistics.median(times['plain']):.1f}", speedup("plain"),
+            f"{100 * achieved / gflops_ceiling:.0f}%",
+            f"{1000 * statistics.median(times['plain']):.1f}", speedup("plain"),
             f"{1000 * statistics.median(times['reference']):.1f}", speedup("reference")]
 
 

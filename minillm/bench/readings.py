@@ -65,7 +65,8 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=["baby", "small"], choices=sorted(CONFIGS))
     parser.add_argument("--threads", type=int, default=parallel.usable_cores())
     parser.add_argument("--repeat", type=int, default=1, metavar="K",
-                        help="K times the training benchmark's rounds per configuration (more rounds, steadier medians)")
+                        help="K times the training benchmark's rounds per configuration "
+                             "(more rounds, steadier medians)")
     parser.add_argument("--write", action="store_true", help=f"put the table into BENCHMARKS.md under '{TITLE}'")
     args = parser.parse_args(argv)
 
@@ -78,20 +79,23 @@ def main(argv=None):
         functions |= {trick: without(fast, patches) for trick, (_, patches) in TRICKS.items()}
         times = interleaved_times(functions, rounds)
         medians[name] = {variant: statistics.median(t) for variant, t in times.items()}
-        ratios[name] = {variant: statistics.median(v / f for v, f in zip(t, times["fast"])) for variant, t in times.items()}
-        print(f"{name}: fast {1000 * medians[name]['fast']:.0f} ms, reference {1000 * medians[name]['reference']:.0f} ms "
+        ratios[name] = {variant: statistics.median(v / f for v, f in zip(t, times["fast"]))
+                        for variant, t in times.items()}
+        print(f"{name}: fast {1000 * medians[name]['fast']:.0f} ms, "
+              f"reference {1000 * medians[name]['reference']:.0f} ms "
               f"({ratios[name]['reference']:.2f}x)", flush=True)
 
     cell = lambda name, variant: f"{1000 * medians[name][variant]:.0f} ms ({ratios[name][variant]:.2f}x)"
     rows = [["all fast (the default)", "", *(cell(n, "fast") for n in args.configs)],
             ["all reference (`--reference`)", "", *(cell(n, "reference") for n in args.configs)]]
-    rows += [[f"without: {trick}", what, *(cell(n, trick) for n in args.configs)] for trick, (what, _) in TRICKS.items()]
+    rows += [[f"without: {trick}", what, *(cell(n, trick) for n in args.configs)]
+             for trick, (what, _) in TRICKS.items()]
     table = format_table(["layers", "the trick", *(f"{n} step" for n in args.configs)], rows)
     report = (
         f"{table}\n\nA training step (forward, backward, clipping, AdamW) on {args.threads} threads; each cell the "
         f"median step time and, in brackets, the median over rounds of its time / the all-fast step's, all variants "
-        f"timed in turns ({', '.join(f'{args.repeat * CONFIGS[n][2]} rounds of {n}' for n in args.configs)}). A \"without\" row "
-        "puts one piece of minillm.fast back to the reference's code.\n"
+        f"timed in turns ({', '.join(f'{args.repeat * CONFIGS[n][2]} rounds of {n}' for n in args.configs)}). "
+        "A \"without\" row puts one piece of minillm.fast back to the reference's code.\n"
     )
     print("\n" + report)
     if args.write:

@@ -115,7 +115,7 @@ def collectives(repeat):
                 seconds.append(time.perf_counter() - start)
             results[f"{name} {what}"] = statistics.median(seconds)
         results[f"{name} bytes"] = size * 4
-        del buffer, part
+        buffer = part = None  # let the next size's buffers take this one's memory
     if world.is_main:
         print(json.dumps(results))
 
@@ -206,7 +206,8 @@ def main(argv=None):
                      f"{speed(name, default):.2f}x",
                      f"{1000 * exchange:.1f} ({100 * exchange / step:.1f}%)" if name == ranks else ""))
     measured = format_table(
-        ["run", "ms per step", "tokens/s", "speed vs 1 process, 2 BLAS threads", "vs the default", "exchange ms per step"],
+        ["run", "ms per step", "tokens/s", "speed vs 1 process, 2 BLAS threads", "vs the default",
+         "exchange ms per step"],
         rows)
     # One rank's step: train.py's default on this machine, 1 process on its 2 cores.
     adamw_small = statistics.median(statistics.median(r["adamw"]) for r in runs[default])
@@ -252,7 +253,8 @@ of train.py's default 1-process run split the same way (its 2 threads each take 
 single runs by as much as that. The 1 process whose matrix products alone use both cores ran at
 {speed(baseline, default):.2f}x the default's speed: its element-wise work runs on one core, and two BLAS threads
 suffer when another program takes a core (see minillm/blas_threads.py). Across machines each rank brings its
-own cores, and the price is the exchange. The bandwidth term of a ring allreduce, 2 (N-1)/N M / beta, tends to 2 M / beta whatever N:
+own cores, and the price is the exchange. The bandwidth term of a ring allreduce, 2 (N-1)/N M / beta, \
+tends to 2 M / beta whatever N:
 {1000 * bandwidth['small']:.1f} ms for `small`'s {4 * params_small / 1e6:.0f} MB of gradient and
 {1000 * bandwidth['gpt2']:.0f} ms for GPT-2 small's {4 * GPT2_PARAMS / 1e6:.0f} MB at 100 Gb/s, against steps of
 {1000 * compute_small:,.0f} and {1000 * gpt2_step:,.0f} ms computed on 2 cores. The latency term, 2 (N-1) alpha, grows
@@ -261,14 +263,16 @@ linearly to hundreds of ranks. On GPUs, whose steps are a hundred times shorter,
 as the computing or longer: there NCCL, a faster network and overlapping the exchange with the backward pass (not
 done here: the allreduce starts after the last backward pass) decide the scaling. ZeRO-1 moves the same bytes (a
 reduce-scatter and an allgather are one allreduce), so it does not speed the exchange; it keeps 1/N of the AdamW
-moments on each rank (GPT-2 small: {2 * 4 * GPT2_PARAMS / 2**30:.2f} GiB of moments, {2 * 4 * GPT2_PARAMS / 8 / 2**30:.2f}
+moments on each rank (GPT-2 small: {2 * 4 * GPT2_PARAMS / 2**30:.2f} GiB of moments, \
+{2 * 4 * GPT2_PARAMS / 8 / 2**30:.2f}
 GiB per rank on 8 ranks) and does 1/N of the update, which is why its speed-up exceeds N: each rank skips most of
 the optimizer's work. Not modelled: contention in a real network, and ranks slowed by other work (every step waits
 for the slowest)."""
     body = f"""{measured}
 
 Medians over {args.rounds} rounds of {args.steps} timed steps of `small` (8 rows of 256 tokens in all), the three runs
-timed in turns; speed: the median over rounds of the other run's step time / this run's. Exchange: the time a rank spends
+timed in turns; speed: the median over rounds of the other run's step time / this run's. \
+Exchange: the time a rank spends
 in the step's exchanges (the stop flag, the micro-batches' target counts, the one allreduce of the gradients and loss,
 with the copies into the flat buffer), waiting for the slower rank included. The machine was shared with other
 work while this ran (its load average, over the minute before, was {load_before:.1f} when it started and

@@ -128,7 +128,7 @@ def process_memory(field):
     Not getrusage's ru_maxrss: Linux carries that over from the parent process
     across exec, so a child started by a large parent reports the parent's size.
     """
-    with open("/proc/self/status") as f:
+    with open("/proc/self/status", encoding="utf-8") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # the value is in kB
@@ -174,7 +174,8 @@ def layer_breakdown(config, batch_size, steps=3):
         for m, (forward, backward) in originals.items():
             m.forward, m.backward = forward, backward
     names = sorted({name for name, _ in own}, key=lambda n: -(own.get((n, "forward"), 0) + own.get((n, "backward"), 0)))
-    rows = [(n, 1000 * own.get((n, "forward"), 0.0) / steps, 1000 * own.get((n, "backward"), 0.0) / steps) for n in names]
+    rows = [(n, 1000 * own.get((n, "forward"), 0.0) / steps, 1000 * own.get((n, "backward"), 0.0) / steps)
+            for n in names]
     rest = total - sum(f + b for _, f, b in rows) / 1000
     return rows + [("optimizer, clipping and the rest", 1000 * rest, 0.0)], total
 
@@ -245,7 +246,8 @@ def main(argv=None):
         write_section(TITLE, report)
 
 
-HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP/s", "MFU", "memory: measured / analytic"]
+HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP/s", "MFU",
+           "memory: measured / analytic"]
 
 if __name__ == "__main__":
     main()

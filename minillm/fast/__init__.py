@@ -17,8 +17,8 @@ themselves, so the two packages are interchangeable:
     out, cache = L.attention.forward(x, w_attn, b_attn, w_proj, b_proj, n_head)
 """
 
-from minillm.layers import dropout, embedding, lora  # nothing to tune: the reference itself
 from minillm.fast import attention, cross_entropy, gelu, layernorm, linear, mlp, softmax  # noqa: E402
+from minillm.layers import dropout, embedding, lora  # nothing to tune: the reference itself
 
 __all__ = ["attention", "cross_entropy", "dropout", "embedding", "gelu", "layernorm", "linear", "lora", "mlp",
            "softmax"]

@@ -13,7 +13,6 @@ from minillm import backend
 from minillm.testing.numeric import TOLERANCE, best_numerical_gradient, numerical_gradient
 from minillm.testing.report import GradientReport, Row, compare_row
 
-
 DOUT_STREAM = 1
 
 

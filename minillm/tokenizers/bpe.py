@@ -35,7 +35,6 @@ from pathlib import Path
 import regex
 
 from minillm import files
-
 from minillm.tokenizers.bpe_train import learn_merges, merge_pair
 
 # GPT-2's pre-tokenisation pattern; \p{L} is any Unicode letter, \p{N} any digit or numeral.
