@@ -26,15 +26,26 @@ RUN_ERRORS = (DataError, CheckpointError, PretrainedError, TrainingError, Tokeni
               UnknownCharactersError, OSError)
 
 
+# A value that starts with "-" but is a number: argparse itself takes only -1 and -1.5 for numbers.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, except that a usage error prints one line (not the usage block) and exits with 2,
     and that -inf, -1e5 or -nan are read as (negative) numbers, not as unknown options."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # argparse takes only -1 and -1.5 for numbers; every other value starting with "-" would be
-        # reported as a missing argument ("expected one argument") instead of a value out of range.
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.I)
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse would report "--lr -1e5" as a missing argument ("expected one argument") instead of a
+        # value out of range: "--lr=-1e5", the same option and value, is one token it cannot misread.
+        args = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for arg in args:
+            previous = joined[-1] if joined else ""
+            if NEGATIVE_NUMBER.match(arg) and previous.startswith("--") and "=" not in previous and previous != "--":
+                joined[-1] = f"{previous}={arg}"
+            else:
+                joined.append(arg)
+        return super().parse_known_args(joined, namespace)
 
     def error(self, message):
         self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see --help)\n")
