@@ -25,7 +25,7 @@ The exchange starts after the last backward pass: it does not overlap with it.
 
 Failures: an error that every rank meets alike (a bad option, a non-finite step, which
 every rank sees in the same summed numbers) is reported by one rank and every rank exits;
-an error in the setup of one rank only is shared (together()), so the others stop too; any
+an error in the setup of one rank only is shared (stop_all_if_any_fails()), so the others stop too; any
 other error on one rank aborts the whole job (MPI_Abort), so no rank waits forever.
 
 Nothing here imports mpi4py unless an MPI launcher started this process (see launched_rank).
@@ -209,7 +209,7 @@ class World:
 
     # What a training step asks of the ranks (minillm.training.train_step).
 
-    def weigh(self, micro_batches):
+    def micro_batch_weights(self, micro_batches):
         """(each micro-batch's weight in this rank's share of the step's loss, the step's tokens on all ranks).
 
         Alone: 1/grad_accum each. On several ranks, n_r / n / grad_accum, with n_r this rank's
@@ -246,7 +246,7 @@ class World:
     # Each rank holds whole gradients, so their squared norm needs no sum over the ranks (zero.ZeroRanks's does).
     across_shards = None
 
-    def together(self, work):
+    def stop_all_if_any_fails(self, work):
         """work(), with the ranks agreeing on the outcome: if it failed on any rank, every rank stops.
 
         Every failed rank raises its error, marked every_rank (no rank waits: nothing to abort),
@@ -319,18 +319,18 @@ def _nccl_sum():
     return nccl.NCCL_SUM
 
 
-ALONE = World()
+SINGLE_PROCESS = World()
 
 _joined = {}
 
 
 def join():
     """The World of this process: under an MPI launcher, the launched job's (mpi4py imported
-    here, and only here); otherwise ALONE. The same World on every call."""
+    here, and only here); otherwise SINGLE_PROCESS. The same World on every call."""
     if "world" in _joined:
         return _joined["world"]
     if launched_rank() is None:
-        world = ALONE
+        world = SINGLE_PROCESS
     else:
         try:
             from mpi4py import MPI

@@ -68,7 +68,7 @@ class Progress:
         self.log.close()
 
 
-class Silent:
+class NoProgress:
     """Progress on the ranks of a job other than rank 0: they print and log nothing."""
 
     log_path = None

@@ -193,7 +193,7 @@ def train_as_a_rank(args):
     """Train in this process, alone or as one rank of an MPI job; the exit status."""
     world = distributed.join()  # before anything can fail on one rank alone: then it can end the job
     try:
-        model = train(world.together(lambda: resolve_config(args)))
+        model = train(world.stop_all_if_any_fails(lambda: resolve_config(args)))
     except distributed.RankStopped:
         return cli.FAILED  # another rank failed and said why
     except Exception as err:

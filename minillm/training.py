@@ -52,7 +52,7 @@ from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layer
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.options import TrainConfig, validate
-from minillm.progress import LOG_FILE, PLOT_FILE, Progress, Silent, plot_losses
+from minillm.progress import LOG_FILE, PLOT_FILE, NoProgress, Progress, plot_losses
 from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
@@ -69,19 +69,20 @@ RUN_FILES = (BEST_CHECKPOINT, LAST_CHECKPOINT, MERGED_CHECKPOINT, LOG_FILE, PLOT
 BATCH_STREAM, DROPOUT_STREAM, EVAL_STREAM, SAMPLE_STREAM = range(4)
 
 
-def train_step(model, optimizer, batch, step, cfg, watch, ranks=distributed.ALONE, layer_watch=None):
+def train_step(model, optimizer, batch, step, cfg, watch, ranks=distributed.SINGLE_PROCESS, layer_watch=None):
     """One optimizer step; returns (mean loss, gradient norm before clipping, tokens).
 
     `batch(rng)` draws a micro-batch (idx, targets) of this rank's rows; `model` is a GPT or a
     parallel.ShardedGPT (the batch split across threads); `watch` is a NonfiniteWatch. `ranks` is
-    the job this process is one rank of: a distributed.World (ALONE: this process only), or a
+    the job this process is one rank of: a distributed.World (SINGLE_PROCESS: this process only), or a
     zero.ZeroRanks under --zero 1. `layer_watch`, a health.LayerWatch (--log-layers, on logged
     steps), measures the update without changing a number.
     """
     keys = (step, *ranks.stream_keys)  # several ranks: (step, rank), so each draws its own rows and masks
     batch_rng = stream_rng(cfg.seed, BATCH_STREAM, *keys)
     micro_batches = [batch(batch_rng) for _ in range(cfg.grad_accum)]
-    weights, tokens = ranks.weigh(micro_batches)  # each micro-batch's share of the step: 1/grad_accum alone
+    # Each micro-batch's share of the step (1/grad_accum alone), and the step's tokens on all ranks.
+    weights, tokens = ranks.micro_batch_weights(micro_batches)
     dropout_seeds = [stream_seed(cfg.seed, DROPOUT_STREAM, *keys, micro) for micro in range(cfg.grad_accum)]
     loss, grads = loss_and_gradients(model, micro_batches, weights, dropout_seeds)
     loss, grads = ranks.sum_gradients(loss, grads)  # one allreduce over the ranks (none alone)
@@ -243,7 +244,7 @@ def load_learner_layers(cfg):
     return found
 
 
-def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distributed.ALONE, learner=None):
+def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distributed.SINGLE_PROCESS, learner=None):
     """(model, optimizer, start step, best val loss, evaluations since the best): fresh, from
     pretrained weights, or from last.npz.
 
@@ -319,7 +320,7 @@ class Run:
     """A training run once set up: what the loop works on and what it keeps track of."""
 
     cfg: TrainConfig
-    world: distributed.World  # the ranks of the job (ALONE: this process only)
+    world: distributed.World  # the ranks of the job (SINGLE_PROCESS: this process only)
     device: str
     out_dir: Path
     tokenizer: object
@@ -368,16 +369,17 @@ def train(cfg):
     Started by mpiexec, this process is one rank of a data-parallel job (minillm/distributed.py).
     """
     world = distributed.join()
-    with contextlib.ExitStack() as held:
+    with contextlib.ExitStack() as cleanup:
         if not world.is_main:  # only rank 0 prints
-            held.enter_context(contextlib.redirect_stdout(held.enter_context(open(os.devnull, "w", encoding="utf-8"))))
+            devnull = cleanup.enter_context(open(os.devnull, "w", encoding="utf-8"))
+            cleanup.enter_context(contextlib.redirect_stdout(devnull))
         # Every rank sets up; if that fails on any of them, all stop (the first failed rank says why).
-        cfg, run = world.together(lambda: start(cfg, world, held))
+        cfg, run = world.stop_all_if_any_fails(lambda: start(cfg, world, cleanup))
         if run.device == "cuda":
             world.connect_gpus()
         started = time.perf_counter()
         start_step = run.step
-        progress = Progress(cfg, start_step, run.out_dir) if world.is_main else Silent()
+        progress = Progress(cfg, start_step, run.out_dir) if world.is_main else NoProgress()
         try:
             with ctrl_c_requests_stop() as stop_requested:
                 outcome = loop(run, progress, stop_requested)
@@ -393,9 +395,9 @@ def train(cfg):
         return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
 
 
-def start(cfg, world, held):
+def start(cfg, world, cleanup):
     """(cfg with its thread count settled, the Run set up): the out dir prepared and locked (by rank 0,
-    the lock held until `held` closes), the data, model and optimizer ready."""
+    the lock held until `cleanup` closes), the data, model and optimizer ready."""
     validate(cfg)
     device = backend.resolve_device(cfg.device)
     if world.comm is not None:
@@ -413,7 +415,7 @@ def start(cfg, world, held):
     cfg = replace(cfg, threads=cfg.threads or (cores if device == "cpu" else 1))
     if world.comm is not None and device == "cpu":
         # One rank's matrix products use its share of the cores, not every core of the machine.
-        held.enter_context(threadpool_limits(limits=cores, user_api="blas"))
+        cleanup.enter_context(threadpool_limits(limits=cores, user_api="blas"))
     out_dir = Path(cfg.out_dir)
     if world.is_main:
         try:
@@ -422,7 +424,7 @@ def start(cfg, world, held):
             raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
     parallel.keep_freed_memory()
     if world.is_main:
-        held.enter_context(checkpoint.exclusive(out_dir))
+        cleanup.enter_context(checkpoint.exclusive(out_dir))
         # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).
         refuse_another_run(cfg, out_dir)
         checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + data.TOKEN_FILES)
@@ -445,7 +447,7 @@ def refuse_another_run(cfg, out_dir):
         )
 
 
-def tell_pretrained(cfg, model, tokenizer, text):
+def announce_and_extend_pretrained(cfg, model, tokenizer, text):
     """Print what --init-from loaded; with --extend-vocab, add the text's new characters as tokens.
 
     Returns (model, tokenizer)."""
@@ -479,7 +481,7 @@ def extend_vocabulary(model, tokenizer, text, seed):
     return extended, CharTokenizer(tokenizer.chars + added), added
 
 
-def setup(cfg, device, out_dir, world=distributed.ALONE):
+def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
     """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed.
 
     Only rank 0 writes the token files; the other ranks keep theirs in memory."""
@@ -487,7 +489,7 @@ def setup(cfg, device, out_dir, world=distributed.ALONE):
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
     if pretrained:
-        pretrained = tell_pretrained(cfg, *pretrained, text)
+        pretrained = announce_and_extend_pretrained(cfg, *pretrained, text)
     learner = load_learner_layers(cfg)  # before the token files are written: a wrong folder stops the run here
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
     tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
@@ -642,7 +644,7 @@ def evaluate_and_keep_best(run, model, progress, start_step):
     return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
 
 
-def estimate_loss(model, batches, world=distributed.ALONE):
+def estimate_loss(model, batches, world=distributed.SINGLE_PROCESS):
     """Mean loss over fixed batches with dropout off, as a Python float (one device sync).
 
     On several ranks each evaluates every size-th batch, and the ranks sum their totals."""

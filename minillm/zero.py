@@ -120,8 +120,8 @@ class ZeroRanks:
     def stream_keys(self):
         return self.world.stream_keys
 
-    def weigh(self, micro_batches):
-        return self.world.weigh(micro_batches)
+    def micro_batch_weights(self, micro_batches):
+        return self.world.micro_batch_weights(micro_batches)
 
     def sum_gradients(self, loss, grads):
         """(loss summed over the ranks, this rank's part of the summed gradients): ShardedAdamW.sum_gradients."""

@@ -131,7 +131,7 @@ def test_sharded_adamw_takes_its_steps_with_the_update_it_is_given():
     grads = {name: numpy.random.default_rng(0).normal(size=p.shape) for name, p in model.params.items()}
     calls = []
     AdamW(expected.params, lr=0.1, reference=True).step(grads)
-    sharded = ShardedAdamW(model, distributed.ALONE, lr=0.1, update=recording_update(calls))
+    sharded = ShardedAdamW(model, distributed.SINGLE_PROCESS, lr=0.1, update=recording_update(calls))
     sharded.step(sharded.sum_gradients(0.0, grads)[1])
     assert calls == [1] * len(model.params)
     for name, p in model.params.items():

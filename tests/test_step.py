@@ -26,7 +26,7 @@ TINY = dict(
     warmup_iters=1, lr_decay_iters=2, eval_interval=2, eval_iters=1, save_interval=2, log_interval=1,
     sample_tokens=2, device="cpu",
 )
-STAGES = ["draw", "draw", "weigh", "loss_and_gradients", "sum_gradients", "clip_grad_norm", "step_done",
+STAGES = ["draw", "draw", "micro_batch_weights", "loss_and_gradients", "sum_gradients", "clip_grad_norm", "step_done",
           "optimizer.step"]
 WATCHED_STAGES = STAGES[:-1] + ["before_update", "optimizer.step", "after_update"]
 PASSES = {"GPT.forward": (GPT, "forward"), "GPT.backward": (GPT, "backward"),
@@ -64,7 +64,7 @@ class StepRecorder:
         monkeypatch.setattr(training, "train_step", recorded_step)
         monkeypatch.setattr(data, "get_batch", recorded("draw", data.get_batch))
         for owner, attribute, name in (
-            (distributed.World, "weigh", "weigh"),
+            (distributed.World, "micro_batch_weights", "micro_batch_weights"),
             (training, "loss_and_gradients", "loss_and_gradients"),
             (distributed.World, "sum_gradients", "sum_gradients"),
             (ZeroRanks, "sum_gradients", "sum_gradients"),
@@ -150,8 +150,8 @@ def test_zero_ranks_take_the_same_stages_and_steps_as_the_world(tmp_path, monkey
     params, stages = {}, {}
     for zero in (False, True):
         model = GPT(config, seed=2, dtype="float64")
-        optimizer = ShardedAdamW(model, distributed.ALONE) if zero else AdamW(model.trainable_params())
-        ranks = ZeroRanks(distributed.ALONE, optimizer) if zero else distributed.ALONE
+        optimizer = ShardedAdamW(model, distributed.SINGLE_PROCESS) if zero else AdamW(model.trainable_params())
+        ranks = ZeroRanks(distributed.SINGLE_PROCESS, optimizer) if zero else distributed.SINGLE_PROCESS
         watch = NonfiniteWatch("cpu", model.dtype, tmp_path)
         with monkeypatch.context() as patched:
             recorder = StepRecorder(patched)
