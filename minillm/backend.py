@@ -70,7 +70,8 @@ def resolve_device(device="auto"):
         return "cpu"
     raise BackendError(
         "--device cuda needs CuPy and a CUDA GPU: install with "
-        "`pip install -e '.[gpu]'` (CuPy for CUDA 12 or 13) or use --device cpu"
+        "pip install -e \".[gpu]\" (CuPy for CUDA 13; \".[gpu-cuda12]\" for CUDA 12, see nvidia-smi) "
+        "or use --device cpu"
     )
 
 

@@ -30,20 +30,16 @@ import contextlib
 import os
 import time
 
+from minillm import system
+
 LOOK_EVERY = 0.05  # seconds between readings of the cores' load
 TAKEN = 0.25  # the share of a core that other programs must keep busy for it to count as taken
 clock = time.monotonic
 
 
 def idle_seconds():
-    """(CPU seconds all cores were idle or waiting for I/O, CPU seconds of this process).
-
-    Time the hypervisor gave to other machines ("steal") is not idle: it is lost to us too.
-    """
-    with open("/proc/stat", encoding="utf-8") as stat:
-        ticks = [int(field) for field in stat.readline().split()[1:6]]
-    idle, iowait = ticks[3], ticks[4]
-    return (idle + iowait) / os.sysconf("SC_CLK_TCK"), time.process_time()
+    """(CPU seconds all cores were idle or waiting for I/O, CPU seconds of this process)."""
+    return system.cores_idle_seconds(), time.process_time()
 
 
 class CoreWatch:
@@ -95,7 +91,7 @@ class Unwatched:
         pass
 
 
-WATCH = CoreWatch() if os.path.exists("/proc/stat") else None
+WATCH = CoreWatch() if system.cores_idle_seconds() is not None else None
 
 
 @contextlib.contextmanager

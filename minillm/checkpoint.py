@@ -15,6 +15,7 @@ target, so an interrupted save leaves the previous checkpoint intact.
 import json
 import math
 import os
+import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy
 
-from minillm import backend, files, finetune, hf, memory, tokenizers
+from minillm import backend, files, finetune, hf, memory, system, tokenizers
 from minillm.errors import CheckpointError, ConfigError
 from minillm.model import GPT, GPTConfig
 
@@ -58,8 +59,7 @@ def atomic_write(path, write):
         raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # not on Windows, where files have no such bits
-                os.fchmod(f.fileno(), 0o666 & ~UMASK)
+            system.set_mode(f.fileno(), 0o666 & ~UMASK)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -115,27 +115,28 @@ def remove_unfinished_writes(directory, names):
 def exclusive(directory):
     """Hold DIRECTORY/.lock while the block runs: a second run on the same folder fails at once.
 
-    The lock is an operating-system file lock (flock), which the system releases
-    when its process ends in any way, kill -9 included, so a lock file left by a
-    killed run never blocks the next one; a run that ends normally deletes it.
-    The file is never opened through a symbolic link (whose target it would
-    overwrite). Where flock does not exist (Windows) there is no lock.
+    The lock is an operating-system file lock (see minillm.system.lock), which the
+    system releases when its process ends in any way, kill -9 included, so a lock
+    file left by a killed run never blocks the next one; a run that ends normally
+    deletes it. The file is never opened through a symbolic link (whose target it
+    would overwrite). Where the system has no file locks there is no lock.
     """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     path = Path(directory) / LOCK_FILE
+    link_error = CheckpointError(f"the lock file {path} is a symbolic link; remove it, or choose another --out-dir")
     while True:
+        if not system.NOFOLLOW and path.is_symlink():  # the open below would follow it
+            raise link_error
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | system.NOFOLLOW, 0o666)
         except OSError as err:
-            what = "is a symbolic link; remove it" if path.is_symlink() else f"cannot be written ({err.strerror})"
-            raise CheckpointError(f"the lock file {path} {what}, or choose another --out-dir") from None
+            if path.is_symlink():
+                raise link_error from None
+            raise CheckpointError(f"the lock file {path} cannot be written ({err.strerror}), "
+                                  "or choose another --out-dir") from None
         lock = os.fdopen(fd, "r+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not system.lock(fd):
+                break
         except BlockingIOError:
             holder = lock.read().strip()
             lock.close()
@@ -143,14 +144,17 @@ def exclusive(directory):
                 f"the out dir {directory} is in use by another training run (process {holder or 'unknown'}); "
                 "wait for it to finish or choose another --out-dir"
             ) from None
-        # A run that ended between our open and our flock deleted the file we locked:
+        # A run that ended between our open and our lock deleted the file we locked:
         # then lock the file now at that path instead.
         try:
-            if os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)):
-                break
+            now = os.stat(path, follow_symlinks=False)
         except FileNotFoundError:
-            pass
+            now = None
+        if now is not None and os.path.samestat(os.fstat(fd), now):
+            break
         lock.close()
+        if now is not None and stat.S_ISLNK(now.st_mode):  # put there after the check above, without NOFOLLOW
+            raise link_error
     with lock:
         lock.truncate(0)
         lock.write(str(os.getpid()))
@@ -158,7 +162,7 @@ def exclusive(directory):
         try:
             yield
         finally:
-            path.unlink(missing_ok=True)  # while still locked: no other run holds this file
+            system.remove_locked(path, lock)
 
 
 # What a damaged zip can raise: BadZipFile (bad structure or checksum), NotImplementedError

@@ -9,6 +9,7 @@ Exit statuses, the same in every command for the same kind of error:
 """
 
 import argparse
+import codecs
 import os
 import re
 import sys
@@ -83,6 +84,7 @@ def run(prog, body, debug=False, after_error=None):
     train.py ends an MPI job there.
     """
     stdout = sys.stdout
+    replace_unencodable(stdout)
     sys.stdout = NamedOutput(stdout)
     try:
         status = body()
@@ -113,6 +115,18 @@ def run(prog, body, debug=False, after_error=None):
         return report(prog, err, text, FAILED, after_error)
     finally:
         sys.stdout = stdout
+
+
+def replace_unencodable(stream):
+    """Characters the stream's encoding lacks written as "?" rather than raised as a UnicodeEncodeError.
+
+    A sample or a prompt can hold any character, and a console or a redirection to a file is not always
+    UTF-8 (cp1252 on Windows, ASCII under LC_ALL=C): a "?" in a sample beats losing the run to it.
+    A UTF-8 stream is left as it is, so that its bytes are exactly the text's.
+    """
+    encoding = getattr(stream, "encoding", None)
+    if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="replace")
 
 
 def report(prog, err, text, status, after_error):

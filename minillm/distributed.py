@@ -337,7 +337,7 @@ def join():
         except ImportError:
             error = DistributedError(
                 "this process was started by an MPI launcher (mpiexec), but mpi4py is not installed: "
-                "pip install -e '.[mpi]' (mpi4py and MPICH), or install mpi4py for your cluster's MPI"
+                "pip install -e \".[mpi]\" (mpi4py and MPICH), or install mpi4py for your cluster's MPI"
             )
             # Every rank fails alike and none can tell the others: rank 0 alone says so.
             error.every_rank, error.reported_elsewhere = True, launched_rank() != 0

@@ -17,6 +17,8 @@ import json
 import os
 import stat
 
+from minillm import system
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # What a name can point at, other than a regular file, as a user would call it.
@@ -52,10 +54,11 @@ def describe_oserror(err):
 def open_regular(path, error, expected="a file"):
     """A binary file object of the regular file `path`, or `error` naming what the path is instead.
 
-    Opened with O_NONBLOCK, so that opening a FIFO returns at once; the descriptor is
-    checked with fstat (not the name, which could change in between) before reading.
+    Opened with O_NONBLOCK where the system has it (Windows has no FIFOs), so that opening a
+    FIFO returns at once; the descriptor is checked with fstat (not the name, which could
+    change in between) before reading.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    flags = os.O_RDONLY | system.NONBLOCK | system.CLOEXEC | system.BINARY
     try:
         fd = os.open(path, flags)
     except OSError as err:
@@ -64,7 +67,7 @@ def open_regular(path, error, expected="a file"):
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise error(f"{path}: {kind_of(mode)}, not a regular file; expected {expected}")
-        if hasattr(os, "set_blocking"):
+        if system.NONBLOCK:  # Windows' set_blocking takes only pipes
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -1,13 +1,12 @@
 """The command line of generate.py: prompt, sampling options, streaming output, one-line errors."""
 
-import os
 import re
 import sys
 from pathlib import Path
 
 from minillm import backend, checkpoint, cli, files, memory
 from minillm.errors import ConfigError
-from minillm.sampling import encode_prompt, option_problem, stream
+from minillm.sampling import argument_text, encode_prompt, option_problem, stream
 from minillm.tokenizers.char import UnknownCharactersError
 
 SEPARATOR = "-" * 40
@@ -132,18 +131,13 @@ def parse_args(argv=None):
 def read_prompt(args):
     """The prompt text from --prompt, --prompt-file, or standard input (either one given as -).
 
-    A --prompt is checked to be text: the shell passes bytes that are not UTF-8 on as lone
-    surrogates, which no tokenizer can encode. One final newline of a file or of
+    A --prompt is read as UTF-8 (see argument_text): bytes that are not UTF-8 are a usage
+    error, not lone surrogates for the tokenizer. One final newline of a file or of
     standard input is dropped: `echo` and text editors add it, and the model would
     otherwise continue after a line break.
     """
     if args.prompt_file is None and args.prompt != "-":
-        try:
-            args.prompt.encode("utf-8")
-        except UnicodeEncodeError:
-            files.decode_utf8(os.fsencode(args.prompt), "--prompt", ConfigError)
-            raise ConfigError("--prompt: not UTF-8 text") from None  # text no shell passes
-        return args.prompt
+        return argument_text(args.prompt, "--prompt", ConfigError)
     if args.prompt_file in (None, "-"):
         raw = sys.stdin.buffer.read(PROMPT_LIMIT + 1)
         if len(raw) > PROMPT_LIMIT:

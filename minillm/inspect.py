@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy
 
 from minillm import backend, checkpoint, cli
-from minillm.sampling import encode_prompt
+from minillm.errors import ConfigError
+from minillm.sampling import argument_text, encode_prompt
 from minillm.tokenizers.bpe import TokenizerError
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -129,7 +130,11 @@ def parse_args(argv=None):
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if not args.prompt:
-        parser.error("--prompt is empty: give the text to look at, for example --prompt 'def main():'")
+        parser.error('--prompt is empty: give the text to look at, for example --prompt "def main():"')
+    try:
+        args.prompt = argument_text(args.prompt, "--prompt", ConfigError)
+    except ConfigError as err:
+        parser.error(str(err))
     return parser, args
 
 
@@ -175,7 +180,7 @@ def look(parser, args):
     checkpoint.atomic_write(out_dir / JSON_FILE, lambda f: f.write(json_text.encode("utf-8")))
     written = draw(found, args.layer, args.head, out_dir)
     if written is None:
-        print(f"{PROG}: note: no pictures without matplotlib (pip install -e '.[plots]'); "
+        print(f"{PROG}: note: no pictures without matplotlib (pip install -e \".[plots]\"); "
               f"the table is above and the numbers are in {out_dir / JSON_FILE}", file=sys.stderr)
         written = []
     print(f"wrote {', '.join(str(out_dir / name) for name in [*written, JSON_FILE])}")

@@ -8,19 +8,11 @@ does so for a model's parameters, before the model draws its initial weights.
 """
 
 import math
-import os
 from dataclasses import replace
 
 from minillm.errors import ConfigError
 from minillm.files import GiB
-
-
-def physical_memory():
-    """Bytes of physical memory, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+from minillm.system import physical_memory
 
 
 def size_text(nbytes):

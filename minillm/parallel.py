@@ -20,46 +20,17 @@ wait for one another between the two passes. keep_freed_memory() tunes the C all
 the repeated steps of training.
 """
 
-import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
+# Training and the benchmarks call these as parallel.*: what they do differs by operating system.
+from minillm.system import keep_freed_memory, usable_cores  # noqa: F401
+
 # More threads than this is a typo rather than a machine; each thread holds a replica's caches.
 MAX_THREADS = 1024
-
-
-def usable_cores():
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def keep_freed_memory():
-    """Have the C allocator keep freed memory for reuse instead of handing it back to the kernel.
-
-    Every training step allocates and frees the same large arrays. glibc by default
-    maps each array above 128 KiB afresh and unmaps it when freed, so each step's
-    arrays start as untouched pages that the kernel must fault in and zero: about
-    20,000 page faults per `small` step, a tenth of its time, and a fifth of a `baby`
-    step's. Kept in the heap, freed arrays are reused as they are; the peak barely
-    moves. Returns False (and changes nothing) where the C library is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's <malloc.h>
-    return bool(
-        mallopt(m_mmap_threshold, 1 << 30)          # arrays up to 1 GiB come from the heap, not fresh maps
-        and mallopt(m_trim_threshold, -1)           # free memory at the heap's top stays in the heap
-        and mallopt(m_top_pad, 1 << 27)             # and heaps grow 128 MiB at a time, not an array at a time
-    )
 
 
 class Workers:

@@ -13,8 +13,9 @@ every step runs the full forward pass over the whole context again.
 """
 
 import math
+import os
 
-from minillm import backend, blas_threads
+from minillm import backend, blas_threads, files
 from minillm.layers import embedding, softmax
 from minillm.tokenizers.char import UnknownCharactersError
 
@@ -161,6 +162,21 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     if not steps:
         return idx
     return xp.concatenate([idx.astype(xp.int64), xp.stack(steps, axis=1)], axis=1)
+
+
+def argument_text(text, where, error):
+    """A command-line argument's text, its bytes read as UTF-8 whatever the locale.
+
+    Python decodes the arguments with the locale's encoding, and a byte that does not decode becomes a
+    lone surrogate, which no tokenizer can encode: under an ASCII locale (LC_ALL=C) every byte of "ï"
+    in "naïve" does. Such an argument is decoded again from its bytes, as UTF-8; `error` where they
+    are not UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return files.decode_utf8(os.fsencode(text), where, error)
+    return text
 
 
 def encode_prompt(tokenizer, text):

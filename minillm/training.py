@@ -676,7 +676,7 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
                         train_config=asdict(cfg))
         print(f"LoRA adapters merged into the weights: {merged_path}")
     print(f"log: {log_path}" + (f", loss curve: {run.out_dir / PLOT_FILE}" if plotted else
-          " (install matplotlib for a loss-curve picture: pip install -e '.[plots]')"))
+          " (install matplotlib for a loss-curve picture: pip install -e \".[plots]\")"))
     if cfg.log_layers and plotted:
         print(f"gradient norms and update/weight ratios per layer: {run.out_dir / LAYERS_PLOT_FILE}")
     print(f"sample from it: python generate.py --ckpt {run.best_path}")

@@ -206,7 +206,7 @@ def test_launched_by_mpiexec_without_mpi4py_is_one_line_from_rank_0(tmp_path, co
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == (
         ["train.py: error: this process was started by an MPI launcher (mpiexec), but mpi4py is not installed: "
-         "pip install -e '.[mpi]' (mpi4py and MPICH), or install mpi4py for your cluster's MPI"] if rank == "0" else []
+         'pip install -e ".[mpi]" (mpi4py and MPICH), or install mpi4py for your cluster\'s MPI'] if rank == "0" else []
     )
 
 

@@ -256,7 +256,7 @@ def test_check_without_hypothesis_says_how_to_install_it(tmp_path, capsys, monke
     write(tmp_path, "gelu", solution("gelu"))
     monkeypatch.setitem(sys.modules, "hypothesis", None)
     status, out, err = run(capsys, "check", "gelu", "--dir", str(tmp_path))
-    assert status == 2 and len(err.splitlines()) == 1 and "pip install -e '.[exercises]'" in err, err
+    assert status == 2 and len(err.splitlines()) == 1 and 'pip install -e ".[exercises]"' in err, err
 
 
 def docstring_lines(text):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from minillm import system
+
 BENCHMARKS_FILE = Path("BENCHMARKS.md")
 
 
@@ -47,17 +49,9 @@ def interleaved_times(functions, steps, sync=None):
 
 
 def machine_description():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import numpy
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {numpy.__version__}"
+    return f"{system.cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {numpy.__version__}"
 
 
 def format_table(headers, rows):

@@ -12,7 +12,7 @@ then, on 2 ranks, timed collectives: the allreduce of a GPT-2-small gradient (12
 its reduce-scatter + allgather (ZeRO-1), the allreduce of `small`'s gradient, and of a few
 numbers (the latency). The figures are medians over rounds; the ratios are medians of
 per-round ratios, so a machine shared with other work compares the runs fairly.
-It needs the mpi extra (pip install -e '.[mpi]').
+It needs the mpi extra (pip install -e ".[mpi]").
 """
 
 import argparse
@@ -178,7 +178,7 @@ def main(argv=None):
     mpiexec = next((str(p) for p in (Path(sys.executable).parent / "mpiexec", shutil.which("mpiexec"))
                     if p and Path(p).is_file()), None)
     if mpiexec is None:
-        sys.exit("scaling benchmark: no mpiexec found: pip install -e '.[mpi]'")
+        sys.exit("scaling benchmark: no mpiexec found: pip install -e \".[mpi]\"")
     this = [sys.executable, "-m", "minillm.bench.scaling", "--steps", str(args.steps)]
     commands = {
         "1 process, 2 BLAS threads": this + ["--worker", "alone"],

