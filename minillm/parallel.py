@@ -16,7 +16,7 @@ which is exactly the whole batch's loss and gradient, whatever the split.
 
 Training asks for both passes at once, forward_backward(model, idx, targets): a ShardedGPT
 then runs each shard's forward and backward as one task on one thread, so the threads never
-wait for one another between the two passes. keep_freed_memory() tunes the C allocator for
+wait for one another between the two passes. system.keep_freed_memory() tunes the C allocator for
 the repeated steps of training.
 """
 
@@ -27,7 +27,6 @@ import numpy
 from minillm.layers.cross_entropy import IGNORE_INDEX
 
 # Training and the benchmarks call these as parallel.*: what they do differs by operating system.
-from minillm.system import keep_freed_memory, usable_cores  # noqa: F401
 
 # More threads than this is a typo rather than a machine; each thread holds a replica's caches.
 MAX_THREADS = 1024

@@ -6,6 +6,7 @@ import stat
 import sys
 from pathlib import Path
 
+from minillm import system
 from minillm.checkpoint import atomic_write
 
 LOG_FILE = "log.jsonl"
@@ -22,7 +23,7 @@ class Progress:
         kept = lines_before(self.log_path, start_step)
         atomic_write(self.log_path, lambda f: f.write("".join(kept).encode("utf-8")))
         # Never through a symbolic link: its target would get our lines.
-        self.log = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)), "a",
+        self.log = open(os.open(self.log_path, os.O_WRONLY | os.O_APPEND | system.NOFOLLOW), "a",
                         encoding="utf-8")
         self.bar = None
         if sys.stderr.isatty():

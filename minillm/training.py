@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy
 from threadpoolctl import threadpool_limits
 
-from minillm import backend, checkpoint, data, distributed, evaluate, finetune, memory, parallel, sft
+from minillm import backend, checkpoint, data, distributed, evaluate, finetune, memory, parallel, sft, system
 from minillm.errors import ConfigError
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, GPTConfig
@@ -411,7 +411,7 @@ def start(cfg, world, cleanup):
         print("note: --zero 1 shards the optimizer state across processes; this run has one, so it has nothing to "
               "shard (start several with mpiexec -n N)")
     # A concrete thread count, saved with the run: the dropout masks depend on how the batch is split.
-    cores = world.cores(parallel.usable_cores())
+    cores = world.cores(system.usable_cores())
     cfg = replace(cfg, threads=cfg.threads or (cores if device == "cpu" else 1))
     if world.comm is not None and device == "cpu":
         # One rank's matrix products use its share of the cores, not every core of the machine.
@@ -422,7 +422,7 @@ def start(cfg, world, cleanup):
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise checkpoint.CheckpointError(f"cannot create the out dir {out_dir}: {err.strerror}") from None
-    parallel.keep_freed_memory()
+    system.keep_freed_memory()
     if world.is_main:
         cleanup.enter_context(checkpoint.exclusive(out_dir))
         # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).

@@ -117,8 +117,8 @@ def test_the_simulation_takes_effect_and_each_difference_falls_back(other_system
         import minillm.bench.tokenizer  # reads the peak memory of a load
         print(json.dumps({
             "locks": system.fcntl is None and system.msvcrt is sys.modules["msvcrt"],
-            "cores": parallel.usable_cores() == os.cpu_count(),
-            "malloc": parallel.keep_freed_memory(),
+            "cores": system.usable_cores() == os.cpu_count(),
+            "malloc": system.keep_freed_memory(),
             "memory": system.resident_memory(),
             "idle": system.cores_idle_seconds(),
             "watch": blas_threads.WATCH is None,

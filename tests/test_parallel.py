@@ -6,7 +6,7 @@ import threading
 import numpy
 import pytest
 
-from minillm import parallel
+from minillm import parallel, system
 from minillm.layers.cross_entropy import IGNORE_INDEX
 from minillm.model import GPT, GPTConfig
 
@@ -86,4 +86,4 @@ def test_a_single_shard_runs_in_the_calling_thread_with_all_blas_threads():
 def test_keep_freed_memory_takes_effect_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("the allocator settings are glibc's")
-    assert parallel.keep_freed_memory() is True
+    assert system.keep_freed_memory() is True

@@ -18,7 +18,7 @@ from unittest import mock
 
 import minillm.fast
 import minillm.layers
-from minillm import optim, parallel
+from minillm import optim, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS
 from minillm.bench.training import training_step
@@ -63,7 +63,7 @@ def without(step, patches):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillm.bench.readings", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["baby", "small"], choices=sorted(CONFIGS))
-    parser.add_argument("--threads", type=int, default=parallel.usable_cores())
+    parser.add_argument("--threads", type=int, default=system.usable_cores())
     parser.add_argument("--repeat", type=int, default=1, metavar="K",
                         help="K times the training benchmark's rounds per configuration "
                              "(more rounds, steadier medians)")

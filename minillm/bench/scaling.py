@@ -39,7 +39,7 @@ def worker(kind, steps):
     import numpy
     from threadpoolctl import threadpool_limits
 
-    from minillm import distributed, parallel
+    from minillm import distributed, parallel, system
     from minillm.bench.configs import CONFIGS, benchmark_tokens
     from minillm.model import GPT
     from minillm.optim import AdamW
@@ -47,9 +47,9 @@ def worker(kind, steps):
     from minillm.training import TrainConfig, train_step
 
     world = distributed.join()
-    cores = world.cores(parallel.usable_cores())
+    cores = world.cores(system.usable_cores())
     threadpool_limits(limits=cores, user_api="blas")
-    parallel.keep_freed_memory()
+    system.keep_freed_memory()
     config, batch_size, _ = CONFIGS["small"]
     model = GPT(config, seed=0)
     optimizer = AdamW(model.params, lr=1e-4)

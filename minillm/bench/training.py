@@ -65,7 +65,7 @@ def analytic_memory_bytes(config, batch_size):
 
 def training_step(config, batch_size, threads, reference=False):
     """A function that runs one minillm training step, train.py's train_step on a fixed batch."""
-    parallel.keep_freed_memory()
+    system.keep_freed_memory()
     model = GPT(config, seed=0, reference=reference)
     optimizer = AdamW(model.params, lr=1e-4, reference=reference)
     stepper = model if threads == 1 else parallel.ShardedGPT(model, threads)
@@ -170,7 +170,7 @@ def layer_breakdown(config, batch_size, steps=3):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minillm.bench.training", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["baby", "small", "gpt2"], choices=sorted(CONFIGS))
-    parser.add_argument("--threads", type=int, default=parallel.usable_cores())
+    parser.add_argument("--threads", type=int, default=system.usable_cores())
     parser.add_argument("--write", action="store_true", help=f"put the tables into BENCHMARKS.md under '{TITLE}'")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
