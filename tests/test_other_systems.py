@@ -93,7 +93,7 @@ os.path.exists = without_proc(os.path.exists, lambda path: False)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(data.builtin_corpus()[:20_000], encoding="utf-8")
+    path.write_text(data.builtin_corpus()[:20_000] + "naïve café ☕ " * 200, encoding="utf-8")
     return path
 
 
@@ -102,12 +102,15 @@ def other_system(tmp_path_factory):
     """The environment of a process that runs as if on another system."""
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # Windows' own encoding is not UTF-8: an ASCII locale stands for it (a cp1252 console cannot show "☕" either).
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONIOENCODING": "cp1252"}
 
 
 def run(env, *arguments, timeout=300):
-    return subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    # The child writes cp1252 (PYTHONIOENCODING): read it as such.
+    return subprocess.run([sys.executable, *arguments], cwd=ROOT, env=env, capture_output=True, encoding="cp1252",
+                          errors="replace", timeout=timeout)
 
 
 def test_the_simulation_takes_effect_and_each_difference_falls_back(other_system):
@@ -143,7 +146,7 @@ def test_the_training_benchmarks_memory_probe_says_not_known_rather_than_failing
     assert json.loads(result.stdout) == {"baseline": None, "peak": None}
 
 
-def test_train_resume_and_sample(other_system, corpus, tmp_path):
+def test_train_resume_sample_and_inspect_a_non_ascii_corpus(other_system, corpus, tmp_path):
     out_dir = tmp_path / "run"
     train = ["train.py", *TINY, "--data", str(corpus), "--out-dir", str(out_dir), "--eval-interval", "10"]
     first = run(other_system, *train, "--max-iters", "20")
@@ -154,9 +157,13 @@ def test_train_resume_and_sample(other_system, corpus, tmp_path):
     assert max(entry["step"] for entry in log) == 30
     assert not (out_dir / checkpoint.LOCK_FILE).exists()
     sampled = run(other_system, "generate.py", "--ckpt", str(out_dir / "ckpt.npz"), "--max-new-tokens", "20",
-                  "--device", "cpu")
+                  "--device", "cpu", "--prompt", "naïve ☕")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.strip()
+    inspected = run(other_system, "-m", "minillm.inspect", "--ckpt", str(out_dir / "ckpt.npz"), "--prompt", "café ☕",
+                    "--out-dir", str(tmp_path / "inspect"), "--device", "cpu")
+    assert inspected.returncode == 0, inspected.stderr
+    assert inspected.stdout.strip()
 
 
 def wait_for(condition, process, timeout=60.0):
