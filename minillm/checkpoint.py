@@ -12,6 +12,7 @@ temporary file beside the target, flushes it to disk, then renames it over the
 target, so an interrupted save leaves the previous checkpoint intact.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -298,6 +299,7 @@ def model_from_meta(meta, path, device):
         config = meta["config"]
         if not isinstance(config, dict):
             raise ConfigError(f"config must be an object, got {config!r}")
+        check_config_keys(config, where)
         config = GPTConfig(**config)
         if meta["dtype"] not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {meta['dtype']!r}")
@@ -314,6 +316,38 @@ def model_from_meta(meta, path, device):
     except ValueError as err:  # ConfigError, TokenizerError
         raise CheckpointError(f"{where}: {err}") from None
     return model, tokenizer
+
+
+def check_config_keys(config, where):
+    """Refuse a config key GPTConfig does not have, or a required one it lacks, by name: a file of
+    another version of minillm, or of another program, not a config to guess at."""
+    fields = dataclasses.fields(GPTConfig)
+    known = {field.name for field in fields}
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise CheckpointError(
+            f"{where}: the config has the key {unknown[0]!r}, which this version of minillm does not know; "
+            "the checkpoint comes from another version of minillm or another program: load it with that one"
+        )
+    required = [field.name for field in fields
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise CheckpointError(
+            f"{where}: the config lacks the key {missing[0]!r} (it needs {', '.join(required)}); "
+            "the checkpoint comes from another version of minillm or another program, or is damaged"
+        )
+
+
+def check_finite(array, path, what):
+    """Refuse a NaN or an infinity: training never saves a non-finite step, so such numbers mean a
+    damaged file or one written elsewhere, and a model built from them samples garbage."""
+    if not numpy.isfinite(array).all():
+        kind = "a NaN" if numpy.isnan(array).any() else "an infinity"
+        raise CheckpointError(
+            f"{path}: {what} holds {kind}, which no minillm run saves; the file is damaged or was not written "
+            "by minillm's training: use another checkpoint"
+        )
 
 
 def check_member_names(archive, path, model, has_optimizer):
@@ -353,6 +387,7 @@ def load(path, device="cpu"):
             stored = read_member(archive, path, f"params/{name}", p.shape, model.dtype)
             if stored is None:
                 raise CheckpointError(f"{path}: parameter {name} is missing")
+            check_finite(stored, path, f"parameter {name}")
             p[...] = backend.to_device(stored, model.device)
         for name in ("step", "evals_since_best"):
             if name in meta:
@@ -374,6 +409,7 @@ def load(path, device="cpu"):
                     moment = read_member(archive, path, f"adam_{kind}/{name}", p.shape, model.dtype)
                     if moment is None:
                         raise CheckpointError(f"{path}: the optimizer moment adam_{kind}/{name} is missing")
+                    check_finite(moment, path, f"the optimizer moment adam_{kind}/{name}")
                     optimizer_state[kind][name] = moment
     return model, tokenizer, meta, optimizer_state
 

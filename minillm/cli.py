@@ -83,6 +83,9 @@ def run(prog, body, debug=False, after_error=None):
     again. after_error(err, status), when given, runs once an error is reported:
     train.py ends an MPI job there.
     """
+    if sys.stdout is None:  # started with it closed (`>&-`): a stream to drop the output into, not a traceback
+        print(f"{prog}: note: standard output is closed; what would be printed there is dropped", file=sys.stderr)
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
     stdout = sys.stdout
     replace_unencodable(stdout)
     sys.stdout = NamedOutput(stdout)
@@ -97,7 +100,8 @@ def run(prog, body, debug=False, after_error=None):
         return INTERRUPTED
     except BrokenPipeError:
         # The reader (e.g. `head`) has gone: stop quietly, and point stdout at /dev/null so that
-        # the flush at exit does not fail a second time.
+        # the flush at exit does not fail a second time. (Training never gets here: it outlives its
+        # stdout, see training.outliving_the_terminal.)
         quiet_stdout()
         return FAILED
     except USAGE_ERRORS as err:
@@ -154,6 +158,8 @@ def oserror_text(err):
 
 
 def quiet_stdout():
+    """Point the process's standard output (the descriptor) at /dev/null, where what is still buffered,
+    and the flush at exit, can go without failing."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.__stdout__.fileno())
     except (OSError, AttributeError, ValueError):

@@ -145,7 +145,8 @@ def read_prompt(args):
         text = files.decode_utf8(raw, "standard input", ConfigError)
     else:
         text = files.read_small_text(args.prompt_file, ConfigError, PROMPT_LIMIT, "a UTF-8 prompt file (--prompt-file)")
-    return text.removesuffix("\n")
+    # Lines ended "\r\n" (a file saved on Windows) end "\n", as they do in a --prompt or a file saved elsewhere.
+    return text.replace("\r\n", "\n").removesuffix("\n")
 
 
 def unescape(text):
@@ -155,6 +156,10 @@ def unescape(text):
 
 def main(argv=None):
     args = parse_args(argv)
+    if sys.stdout is None:  # started with it closed (`>&-`)
+        print("generate.py: error: standard output is closed, so the samples have nowhere to go; "
+              "redirect it to a file instead", file=sys.stderr)
+        return cli.FAILED
     return cli.run("generate.py", lambda: sample(args), args.debug)
 
 

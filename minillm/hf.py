@@ -95,7 +95,9 @@ def minillm_names(hf_names, where):
 
 
 def check_tied(lm_head, wte, where):
-    if wte is None or not numpy.array_equal(backend.to_host(lm_head), backend.to_host(wte)):
+    """PretrainedError unless the LM head equals the token embedding, compared in wte's dtype (the model's:
+    a float64 file loaded as float32 ties once both are cast alike)."""
+    if wte is None or not numpy.array_equal(backend.to_host(lm_head).astype(wte.dtype), backend.to_host(wte)):
         raise PretrainedError(
             f"{where}: lm_head.weight differs from wte.weight; minillm ties the LM head to the token "
             "embedding, as GPT-2 does, so an untied head cannot be loaded"
@@ -259,8 +261,15 @@ def read_weights(path, model):
                 "(NumPy has no bfloat16): convert the file to float32"
             )
 
-    for name, hf_name in names.items():
-        model.params[name][...] = backend.to_device(read_tensor(path, hf_name), model.device)
+    for name in model.params:  # in the model's order, so the first bad tensor named is the first parameter
+        tensor = read_tensor(path, names[name])
+        if not numpy.isfinite(tensor).all():
+            kind = "a NaN" if numpy.isnan(tensor).any() else "an infinity"
+            raise PretrainedError(
+                f"{where}: {names[name]} holds {kind}; a model built from it would sample garbage, so the file "
+                "is damaged or was saved from a diverged run: download or save it again"
+            )
+        model.params[name][...] = backend.to_device(tensor, model.device)
     if "lm_head.weight" in header:
         check_tied(read_tensor(path, "lm_head.weight"), model.params["wte.weight"], where)
 

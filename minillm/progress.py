@@ -1,5 +1,6 @@
 """Training progress: the bar or lines on the terminal, the JSONL log, and the loss-curve picture."""
 
+import errno
 import json
 import os
 import stat
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from minillm import system
 from minillm.checkpoint import atomic_write
+from minillm.cli import quiet_stdout
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "loss.png"
@@ -67,6 +69,41 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         self.log.close()
+
+
+# A write to standard output fails with one of these once its reader has gone: a closed pipe
+# (`train.py | head`) or a hung-up terminal (its window or SSH session closed).
+READER_GONE = (errno.EPIPE, errno.EIO)
+
+
+class OutlivedStdout:
+    """sys.stdout during training, which outlives its reader: once a write finds the reader gone, the rest
+    of the output is dropped and training goes on (log.jsonl still records every line of progress)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text):
+        self._unless_gone(self._stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._unless_gone(self._stream.flush)
+
+    def _unless_gone(self, call, *args):
+        if self.gone:
+            return
+        try:
+            call(*args)
+        except OSError as err:
+            if err.errno not in READER_GONE:
+                raise
+            self.gone = True
+            quiet_stdout()  # the text still buffered, and the flush at exit, go to /dev/null instead
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class NoProgress:

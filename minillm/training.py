@@ -38,6 +38,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,7 +53,7 @@ from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layer
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
 from minillm.options import TrainConfig, validate
-from minillm.progress import LOG_FILE, PLOT_FILE, NoProgress, Progress, plot_losses
+from minillm.progress import LOG_FILE, PLOT_FILE, NoProgress, OutlivedStdout, Progress, plot_losses
 from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
@@ -352,10 +353,11 @@ class Run:
         optimizer_state = self.optimizer.state_dict()
         if not self.world.is_main:
             return
-        checkpoint.save(
-            path, self.model, self.tokenizer, optimizer_state=optimizer_state, step=self.step,
-            best_val_loss=self.best_val, evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
-        )
+        with ctrl_c_after_writing():
+            checkpoint.save(
+                path, self.model, self.tokenizer, optimizer_state=optimizer_state, step=self.step,
+                best_val_loss=self.best_val, evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
+            )
 
 
 # A non-finite loss or gradient is caught and reported with its step (and, on the CPU, its layer);
@@ -370,6 +372,7 @@ def train(cfg):
     """
     world = distributed.join()
     with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(outliving_the_terminal())
         if not world.is_main:  # only rank 0 prints
             devnull = cleanup.enter_context(open(os.devnull, "w", encoding="utf-8"))
             cleanup.enter_context(contextlib.redirect_stdout(devnull))
@@ -537,6 +540,27 @@ def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
 
 
 @contextlib.contextmanager
+def outliving_the_terminal():
+    """Within the block, a reader of standard output that goes away (`train.py | head`, a closed terminal
+    window or SSH session) ends the printed lines, not the run: the rest of the output is dropped, and the
+    checkpoints and log.jsonl are written as ever. SIGHUP, which a closed terminal sends, is ignored (as
+    `nohup` does)."""
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = OutlivedStdout(stdout)
+    hangup = getattr(signal, "SIGHUP", None)  # Windows has none
+    previous_hangup = signal.signal(hangup, signal.SIG_IGN) if hangup else None
+    try:
+        yield
+    finally:
+        if hangup:
+            signal.signal(hangup, previous_hangup)
+        if stdout is not None:
+            sys.stdout.flush()  # what is still buffered, while a reader that went away is still forgiven
+            sys.stdout = stdout
+
+
+@contextlib.contextmanager
 def ctrl_c_requests_stop():
     """Within the block, a first Ctrl-C sets the yielded flag (stop_requested[0]); a second stops at once."""
     stop_requested = [False]
@@ -550,6 +574,26 @@ def ctrl_c_requests_stop():
         yield stop_requested
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+
+
+@contextlib.contextmanager
+def ctrl_c_after_writing():
+    """Within the block, which writes a file, a Ctrl-C waits for the block's end, then acts as it would have.
+
+    A KeyboardInterrupt raised in the middle of numpy.savez's zip writing (a second Ctrl-C during the
+    save that the first one asked for) comes out of it as a ValueError and its traceback; the old file
+    was kept, but the command did not end with status 130 and one line.
+    """
+    pressed = []
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        for signum in pressed:
+            handler = signal.getsignal(signal.SIGINT)  # a first press (request_stop) replaces itself
+            if callable(handler):
+                handler(signum, None)
 
 
 def loop(run, progress, stop_requested):
@@ -639,9 +683,10 @@ def evaluate_and_keep_best(run, model, progress, start_step):
         run.since_best += 1
     if not run.world.is_main:
         return losses, False
-    if cfg.log_layers:
-        plot_layers(progress.log_path, run.out_dir / LAYERS_PLOT_FILE)
-    return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
+    with ctrl_c_after_writing():
+        if cfg.log_layers:
+            plot_layers(progress.log_path, run.out_dir / LAYERS_PLOT_FILE)
+        return losses, plot_losses(progress.log_path, run.out_dir / PLOT_FILE)
 
 
 def estimate_loss(model, batches, world=distributed.SINGLE_PROCESS):
@@ -672,8 +717,9 @@ def finish(run, start_step, seconds, log_path, losses, plotted):
     print(f"\ncheckpoint: {run.best_path} (resume state: {run.last_path})")
     if cfg.merge_lora:
         merged_path = run.out_dir / MERGED_CHECKPOINT
-        checkpoint.save(merged_path, best_model, run.tokenizer, step=meta["step"], val_loss=meta["val_loss"],
-                        train_config=asdict(cfg))
+        with ctrl_c_after_writing():
+            checkpoint.save(merged_path, best_model, run.tokenizer, step=meta["step"], val_loss=meta["val_loss"],
+                            train_config=asdict(cfg))
         print(f"LoRA adapters merged into the weights: {merged_path}")
     print(f"log: {log_path}" + (f", loss curve: {run.out_dir / PLOT_FILE}" if plotted else
           " (install matplotlib for a loss-curve picture: pip install -e \".[plots]\")"))

@@ -8,6 +8,10 @@
                and whether the ranks drew different rows
     dies       train.py on a tiny corpus, in which rank 1 alone fails (OUT says how: "raise" or "kill"
                at step 3, "setup" while reading the data): the job must end rather than wait for it
+    evaluate   training.estimate_loss of a float64 model on EVAL_BATCHES fixed batches, each rank
+               evaluating its share; rank 0 writes the loss to OUT (.json)
+    interrupt  train.py on a tiny corpus, in which rank 1 alone gets a Ctrl-C (SIGINT) during its
+               step 3; each rank writes the steps it took and its exit status to OUT.RANK.json
 """
 
 import hashlib
@@ -28,6 +32,7 @@ from minillm.zero import ShardedAdamW, ZeroRanks
 CONFIG = GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=2, n_embd=6)
 ROWS, STEPS = 5, 3  # 5 rows: 3 and 2 on two ranks, an uneven split
 SETTINGS = [(zero, accum) for zero in (0, 1) for accum in (1, 2)]
+EVAL_BATCHES = 5  # 3 and 2 on two ranks
 
 
 def fixed_batches(step, accum):
@@ -159,13 +164,49 @@ def dies(world, how, args):
     sys.exit(main(args))
 
 
+def eval_batches():
+    """EVAL_BATCHES fixed (idx, targets) batches of ROWS rows, as estimate_loss takes them."""
+    rng = numpy.random.default_rng(7)
+    return [(rng.integers(0, CONFIG.vocab_size, (ROWS, CONFIG.block_size)),
+             rng.integers(0, CONFIG.vocab_size, (ROWS, CONFIG.block_size))) for _ in range(EVAL_BATCHES)]
+
+
+def evaluate(world, out, device):
+    model = GPT(CONFIG, seed=0, dtype="float64", device=device)
+    loss = training.estimate_loss(model, eval_batches(), world)
+    if world.is_main:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump({"loss": loss}, f)
+
+
+def interrupt(world, out, args):
+    """train.py whose rank 1 alone gets a Ctrl-C during its step 3; OUT.RANK.json: its steps and status."""
+    step_of, taken = training.train_step, []
+
+    def step_and_record(model, optimizer, batch, step, *rest):
+        taken.append(step)
+        if world.rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_of(model, optimizer, batch, step, *rest)
+
+    training.train_step = step_and_record
+    from minillm.train_cli import main
+
+    status = main(args)
+    with open(f"{out}.{world.rank}.json", "w", encoding="utf-8") as f:
+        json.dump({"steps": taken, "status": status}, f)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     world = distributed.join()
     if mode == "dies":
         dies(world, out, sys.argv[3:])
+    if mode == "interrupt":
+        interrupt(world, out, sys.argv[3:])
     device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
     if device == "cuda":
         world.take_gpu()
         world.connect_gpus()
-    {"steps": steps, "identical": identical}[mode](world, out, device)
+    {"steps": steps, "identical": identical, "evaluate": evaluate}[mode](world, out, device)

@@ -5,6 +5,9 @@ loads exactly what was saved: every parameter and optimizer moment byte-identica
 different numbers, or failing with any other exception, is a bug.
 """
 
+import io
+import zipfile
+
 import numpy
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -94,3 +97,25 @@ def test_a_central_directory_asking_for_an_unknown_method_is_a_checkpoint_error(
     path.write_bytes(good[:at] + value + good[at + len(value) :])
     with pytest.raises(checkpoint.CheckpointError, match="not a readable minillm checkpoint"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("member, stored_as", [("params/wpe.weight", numpy.int32), ("adam_m/wte.weight", numpy.uint32)])
+def test_a_member_whose_header_gives_another_dtype_is_refused_in_one_line(original, member, stored_as):
+    """A well-formed archive whose member's .npy header says int32 (or another dtype than the checkpoint's)
+    is refused, in one line naming the member, rather than its bytes loaded as other numbers."""
+    good, *_, folder = original
+    source = zipfile.ZipFile(io.BytesIO(good))
+    assert member + ".npy" in source.namelist()
+    path = folder / f"{member.replace('/', '-')}-{numpy.dtype(stored_as)}.npz"
+    with zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == member + ".npy":
+                npy = io.BytesIO()
+                numpy.lib.format.write_array(npy, numpy.load(io.BytesIO(data)).view(stored_as))
+                data = npy.getvalue()
+            target.writestr(info.filename, data)
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        checkpoint.load(path)
+    assert len(str(refused.value).splitlines()) == 1
+    assert f"{member} is stored as {numpy.dtype(stored_as)}" in str(refused.value)

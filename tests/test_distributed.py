@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,39 @@ def test_a_usage_error_is_one_line_from_rank_0(tmp_path, corpus):
     assert result.stderr.strip().splitlines() == [
         "train.py: error: argument --lr: invalid float value: 'fast' (see --help)"
     ]
+
+
+@needs_mpi
+def test_two_ranks_evaluating_their_share_of_the_batches_give_one_process_loss(tmp_path):
+    """MPI evaluation: N ranks' val loss equals one process's on the same batches (each evaluates its share)."""
+    result = mpiexec(2, "tests/distributed_worker.py", "evaluate", str(tmp_path / "loss.json"))
+    assert result.returncode == 0, result.stderr
+    got = json.loads((tmp_path / "loss.json").read_text())["loss"]
+    alone = training.estimate_loss(GPT(worker.CONFIG, seed=0, dtype="float64"), worker.eval_batches())
+    assert got == pytest.approx(alone, rel=1e-12, abs=0)
+
+
+@needs_mpi
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_with_one_saved_state(tmp_path, corpus):
+    """Ctrl-C: the ranks agree to stop, so a Ctrl-C that reaches one rank only stops every rank at the same
+    step, and rank 0 saves that step's state in last.npz for --resume."""
+    out, report = tmp_path / "out", tmp_path / "report"
+    command = [MPIEXEC, "-n", "2", sys.executable, "tests/distributed_worker.py", "interrupt", str(report),
+               "--data", str(corpus), "--out-dir", str(out),
+               *flags(max_iters=100_000, eval_interval=100_000, save_interval=100_000)]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=without_launcher(), start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # the ranks that did not stop wait for the one that did
+        job.communicate()
+        pytest.fail("the ranks did not all stop after a Ctrl-C reached rank 1")
+    assert job.returncode == 130, stderr
+    assert stdout.count("stopped at step 4; saved") == 1, stdout
+    reports = [json.loads((tmp_path / f"report.{rank}.json").read_text()) for rank in (0, 1)]
+    assert reports == [{"steps": [0, 1, 2, 3], "status": 130}] * 2
+    assert checkpoint.read_meta(out / "last.npz")["step"] == 4
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])

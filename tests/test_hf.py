@@ -208,6 +208,24 @@ def test_bad_config_is_refused(tmp_path, changes, match):
     assert_refused(write_gpt2_dir(tmp_path, **changes), match)
 
 
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"scale_attn_weights": False}, r"config.json: scale_attn_weights is false; minillm scales attention by"),
+        ({"scale_attn_by_inverse_layer_idx": True}, r"config.json: scale_attn_by_inverse_layer_idx is true"),
+        ({"add_cross_attention": True}, r"config.json: add_cross_attention is true; minillm has no cross-attention"),
+    ],
+)
+def test_attention_settings_minillm_does_not_compute_are_refused(tmp_path, changes, match):
+    """A GPT-2 config that scales attention otherwise, or adds cross-attention, is refused in one line
+    naming the setting, rather than loaded into a model that computes something else; GPT-2's own
+    values of the same settings load."""
+    assert_refused(write_gpt2_dir(tmp_path / "refused", **changes), match)
+    ((key, value),) = changes.items()
+    model, _ = hf.from_pretrained(write_gpt2_dir(tmp_path / "gpt2", **{key: not value}), dtype="float64")
+    assert model.config.n_layer == 2
+
+
 def test_config_and_tensors_of_different_shapes(tmp_path):
     assert_refused(write_gpt2_dir(tmp_path, n_embd=16),
                    r"transformer\.wte\.weight has shape \(40, 8\), but config.json makes it \(40, 16\)")
@@ -310,3 +328,11 @@ def test_from_pretrained_reads_what_transformers_writes(tmp_path):
     with torch.no_grad():
         their_logits = theirs(torch.as_tensor(IDX)).logits.numpy()
     numpy.testing.assert_allclose(logits(model), their_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float64_file_loads_as_float32_with_its_head_still_tied(tmp_path):
+    """The tied head is compared in the model's dtype: a float64 file's lm_head equals its wte cast alike."""
+    tensors = gpt2_tensors()
+    model, _ = hf.from_pretrained(write_gpt2_dir(tmp_path, tensors))
+    assert model.dtype == numpy.float32
+    assert numpy.array_equal(model.params["wte.weight"], tensors["transformer.wte.weight"].astype(numpy.float32))

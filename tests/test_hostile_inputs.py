@@ -315,7 +315,7 @@ def test_checkpoint_metadata_of_any_json_value_loads_or_is_a_checkpoint_error(tm
         assert len(str(err).splitlines()) == 1, str(err)
 
 
-RESUME_FIELDS = [("step",), ("best_val_loss",), ("evals_since_best",), ("train_config",),
+RESUME_FIELDS = [("step",), ("best_val_loss",), ("evals_since_best",), ("optimizer_step",), ("train_config",),
                  *[("train_config", name) for name in ("n_layer", "lr", "dropout", "bias", "lora_targets", "threads")]]
 
 
@@ -684,3 +684,16 @@ def test_gradcheck_fails_a_gradient_that_is_zero_in_both_readings(capsys, monkey
     lora_a_rows = [line for line in out.splitlines() if line.startswith("h.") and ".lora_a" in line]
     assert lora_a_rows and all(line.endswith("unchecked") for line in lora_a_rows), out
     assert status == 1
+
+
+@pytest.mark.parametrize("field", ["optimizer_step", "step", "evals_since_best"])
+def test_resuming_from_a_negative_count_is_one_line_not_a_traceback(tmp_path, capsys, trained, corpus, field):
+    """A count in last.npz (optimizer_step, step, evals_since_best) below 0 is refused by the loader in one
+    line naming it, before a step is taken with it (optimizer_step -1 would divide by zero in AdamW)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "last.npz").write_bytes(replace_meta((trained / "last.npz").read_bytes(), setter((field,), -1)))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{field} must be a whole number of 0 or more, got -1"):
+        checkpoint.load(out / "last.npz")
+    status, _, err = call(train_cli.main, ["--data", corpus, "--out-dir", out, "--resume", "--max-iters", 4], capsys)
+    assert f"{field} must be a whole number of 0 or more" in one_line(err, status, statuses=(1,))

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from helpers import random_tokens
-from hypothesis import Phase, given, settings, strategies as st
+from hypothesis import Phase, example, given, settings, strategies as st
 
 from minillm import finetune, gradcheck
 from minillm.model import GPT, GPTConfig
@@ -51,9 +51,16 @@ def assert_ok_where_something_was_kept(report, config):
 # test_layers_grad.py pins a wrong gradient down to the layer and shrinks it there.
 @settings(max_examples=10, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(config=configs(), batch_size=st.integers(1, 2), data=st.data(), seed=st.integers(0, 2**16))
+# Always checked, whatever is drawn: heads that attend over several positions, in two layers, with
+# dropout on (data=None: T is the whole block).
+@example(config=GPTConfig(vocab_size=5, block_size=3, n_layer=2, n_head=2, n_embd=4, dropout=0.1, bias=True),
+         batch_size=2, data=None, seed=0)
+@example(config=GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=3, n_embd=6, dropout=0.1, bias=False),
+         batch_size=1, data=None, seed=1)
 @pytest.mark.parametrize("reference", [False, True], ids=["fast", "reference"])
 def test_model_gradients_match_finite_differences(reference, config, batch_size, data, seed):
-    T = data.draw(st.integers(1, config.block_size), label="T")
+    """The whole model's gradients, every parameter, against finite differences."""
+    T = config.block_size if data is None else data.draw(st.integers(1, config.block_size), label="T")
     model = GPT(config, seed=seed, dtype="float64", reference=reference)
     gradcheck.randomize(model.params, seed)
     idx = random_tokens(config.vocab_size, (batch_size, T), seed)

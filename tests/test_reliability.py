@@ -293,6 +293,42 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]
 
 
+KILLED_MID_SAVE = """
+import os, signal, sys
+import numpy
+from minillm import checkpoint
+from minillm.model import GPT, GPTConfig
+from minillm.optim import AdamW
+
+path, previous = sys.argv[1], sys.argv[2]
+model, tokenizer, _, _ = checkpoint.load(previous)
+big = GPT(GPTConfig(vocab_size=model.config.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128), seed=1)
+write_array, written = numpy.lib.format.write_array, []
+
+def write_then_die(*args, **kwargs):  # kill -9 once a few members of the new file are on their way to disk
+    write_array(*args, **kwargs)
+    written.append(1)
+    if len(written) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+numpy.lib.format.write_array = write_then_die
+checkpoint.save(path, big, tokenizer, AdamW(big.params), step=99)
+"""
+
+
+def test_kill_9_while_a_large_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path, trained):
+    """Saves are atomic: a process killed with kill -9 in the middle of writing a large checkpoint over an
+    older one leaves the older one whole and loadable, byte for byte."""
+    path = tmp_path / "last.npz"
+    path.write_bytes(trained.read_bytes())
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(path), str(trained)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert path.read_bytes() == trained.read_bytes()
+    _, _, meta, _ = checkpoint.load(path)
+    assert meta["step"] == checkpoint.read_meta(trained)["step"]
+
+
 def test_a_prompt_longer_than_the_context_is_cropped_with_a_note(trained):
     result = run_script("generate.py", "--ckpt", trained, "--prompt", "the " * 10, "--max-new-tokens", "3",
                         "--device", "cpu")

@@ -309,7 +309,8 @@ class BPETokenizer:
         are special tokens, as GPT-2's "<|endoftext|>" is.
         """
         vocab_table = files.parse_json(read_text(vocab_path, "vocab.json"), vocab_path, TokenizerError)
-        lines = read_text(merges_path, "merges.txt").split("\n")
+        # lines_of drops the "\r" of Windows line endings; no token is written with one (bytes_to_unicode).
+        lines = files.lines_of(read_text(merges_path, "merges.txt"))
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = parse_merges([line for line in lines if line], merges_path)

@@ -1,6 +1,14 @@
 """Character-level tokenizer: one id per distinct character of the training text."""
 
 
+# A "\r" the vocabulary lacks is nearly always a file saved on Windows: say so, and how to convert it.
+CRLF_HINT = (
+    "; '\\r' ends each line of a file saved with Windows line endings (CRLF): save it with LF line endings, e.g. "
+    "python -c \"import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+    "p.write_bytes(p.read_bytes().replace(b'\\r\\n', b'\\n'))\" FILE"
+)
+
+
 class UnknownCharactersError(ValueError):
     """Text contains characters the vocabulary does not have."""
 
@@ -29,9 +37,10 @@ class CharTokenizer:
             unknown = sorted(set(text) - self.ids.keys())
             shown = ", ".join(repr(c) for c in unknown[:10])
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            hint = CRLF_HINT if "\r" in unknown else ""
             raise UnknownCharactersError(
                 f"text has {len(unknown)} character(s) not in the {self.vocab_size}-character "
-                f"vocabulary: {shown}{more}"
+                f"vocabulary: {shown}{more}{hint}"
             ) from None
 
     def decode(self, ids):
