@@ -1,6 +1,10 @@
 """How train.py and generate.py start: a Ctrl-C at any moment, while the modules import included,
 exits with status 130 (128 + SIGINT, as shells report it) and no traceback.
 
+An installed minillm (no checkout, so no train.py beside it) starts the same commands as
+`python -m minillm.train` / `python -m minillm.generate`, or the console scripts `minillm-train`
+and `minillm-generate` (train() and generate() below).
+
 This module imports only the standard library, so that it is loaded before NumPy, whose import
 turns a Ctrl-C into an ImportError that no later handler could tell from a broken install.
 """
@@ -29,3 +33,13 @@ def run_command(module_name):
         sys.exit(module.main())
     except KeyboardInterrupt:  # between the import and main()'s own handling of it
         sys.exit(INTERRUPTED)
+
+
+def train():
+    """The console script minillm-train: train.py's command."""
+    run_command("minillm.train_cli")
+
+
+def generate():
+    """The console script minillm-generate: generate.py's command."""
+    run_command("minillm.generate_cli")
