@@ -141,10 +141,7 @@ def exclusive(directory):
         except BlockingIOError:
             holder = lock.read().strip()
             lock.close()
-            raise CheckpointError(
-                f"the out dir {directory} is in use by another training run (process {holder or 'unknown'}); "
-                "wait for it to finish or choose another --out-dir"
-            ) from None
+            raise in_use(directory, holder) from None
         # A run that ended between our open and our lock deleted the file we locked:
         # then lock the file now at that path instead.
         try:
@@ -164,6 +161,28 @@ def exclusive(directory):
             yield
         finally:
             system.remove_locked(path, lock)
+
+
+def in_use(directory, holder):
+    """The error of a run refused because another one holds the out dir."""
+    return CheckpointError(f"the out dir {directory} is in use by another training run "
+                           f"(process {holder or 'unknown'}); wait for it to finish or choose another --out-dir")
+
+
+def lock_holder(directory):
+    """The process id (text) of another run that holds DIRECTORY/.lock, "" when it names none; None when unlocked."""
+    try:
+        fd = os.open(Path(directory) / LOCK_FILE, os.O_RDONLY | system.NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as lock:
+        try:
+            system.lock(fd)  # released when the file closes
+        except BlockingIOError:
+            return lock.read().strip()
+        except OSError:
+            return None
+    return None
 
 
 # What a damaged zip can raise: BadZipFile (bad structure or checksum), NotImplementedError
@@ -288,8 +307,17 @@ def read_arrays(path, meta_only=False):
 
 
 def read_meta(path):
-    """Only the JSON header of a checkpoint (the arrays stay on disk)."""
-    return read_arrays(path, meta_only=True)[1]
+    """Only the JSON header of a checkpoint (the arrays stay on disk).
+
+    A checkpoint missing from a folder that another run holds (a --resume into it) is that run's to write:
+    the error says the folder is in use."""
+    try:
+        return read_arrays(path, meta_only=True)[1]
+    except CheckpointError:
+        holder = lock_holder(Path(path).parent) if not Path(path).exists() else None
+        if holder is not None:
+            raise in_use(Path(path).parent, holder) from None
+        raise
 
 
 def model_from_meta(meta, path, device):
@@ -430,10 +458,17 @@ def load_merged(path, device, other_ways):
 
 
 def load_pretrained(path, device="cpu", dtype="float32"):
-    """(model, tokenizer) from a minillm checkpoint file or a Hugging Face GPT-2 directory.
+    """(model, tokenizer) from a minillm checkpoint file, a minillm out dir (its best checkpoint, ckpt.npz)
+    or a Hugging Face GPT-2 directory.
 
     `dtype` applies to GPT-2 directories; a checkpoint keeps the dtype it was saved with.
     """
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "config.json").exists():
+        if not (folder / "ckpt.npz").is_file():
+            raise hf.PretrainedError(f"{path}: neither a GPT-2 directory (no config.json) nor a minillm out dir "
+                                     "(no ckpt.npz): give a checkpoint file, an out dir or a GPT-2 directory")
+        path = folder / "ckpt.npz"  # a run's out dir, as train.py leaves it
     if Path(path).is_dir():
         model, tokenizer = hf.from_pretrained(path, dtype=dtype, device=device)
         if tokenizer is None:
