@@ -52,7 +52,7 @@ from minillm.errors import ConfigError
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm, cosine_lr
-from minillm.options import TrainConfig, validate
+from minillm.options import TRAIN_FIELDS, TrainConfig, flag, shown, validate
 from minillm.progress import LOG_FILE, PLOT_FILE, NoProgress, OutlivedStdout, Progress, plot_losses
 from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
@@ -278,8 +278,12 @@ def build_or_resume(cfg, tokenizer, device, resumed, pretrained, world=distribut
     else:
         model, _, meta, optimizer_state = resumed
         if not cfg.init_from and model.config != model_config:
+            saved, given = model.config.to_dict(), model_config.to_dict()
+            differing = ", ".join(f"{flag(name) if name in TRAIN_FIELDS else name} {shown(saved.get(name))} saved, "
+                                  f"{shown(given.get(name))} given"
+                                  for name in sorted(saved.keys() | given.keys()) if saved.get(name) != given.get(name))
             raise ConfigError(
-                f"the checkpoint's model ({model.config}) differs from the options given; "
+                f"the checkpoint's model differs from the options given ({differing}); "
                 "resume with the options of that run"
             )
         if model.dtype != backend.dtype_of(cfg.dtype):
@@ -314,6 +318,16 @@ def resume_point(meta):
     if isinstance(best_val, bool) or not isinstance(best_val, (int, float)) or math.isnan(best_val):
         raise checkpoint.CheckpointError(f"{where}: best_val_loss must be a number, got {best_val!r}")
     return step, best_val, since_best
+
+
+# Options that the machine decides: a --resume takes them from the machine it runs on (or from its flags),
+# not from the saved run, whose machine may have had other cores or a GPU, or been one of several ranks.
+MACHINE_OPTIONS = ("threads", "device")
+
+
+def saved_options(cfg):
+    """The train_config a checkpoint keeps: every option but the machine's (MACHINE_OPTIONS)."""
+    return {name: value for name, value in asdict(cfg).items() if name not in MACHINE_OPTIONS}
 
 
 @dataclass
@@ -356,7 +370,8 @@ class Run:
         with ctrl_c_after_writing():
             checkpoint.save(
                 path, self.model, self.tokenizer, optimizer_state=optimizer_state, step=self.step,
-                best_val_loss=self.best_val, evals_since_best=self.since_best, train_config=asdict(self.cfg), **extra,
+                best_val_loss=self.best_val, evals_since_best=self.since_best, train_config=saved_options(self.cfg),
+                ran_on={name: getattr(self.cfg, name) for name in MACHINE_OPTIONS} | {"device": self.device}, **extra,
             )
 
 
@@ -378,6 +393,8 @@ def train(cfg):
             cleanup.enter_context(contextlib.redirect_stdout(devnull))
         # Every rank sets up; if that fails on any of them, all stop (the first failed rank says why).
         cfg, run = world.stop_all_if_any_fails(lambda: start(cfg, world, cleanup))
+        if isinstance(run, GPT):  # a --resume of a run already complete: nothing to train
+            return run
         if run.device == "cuda":
             world.connect_gpus()
         started = time.perf_counter()
@@ -485,7 +502,8 @@ def extend_vocabulary(model, tokenizer, text, seed):
 
 
 def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
-    """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed.
+    """The Run of these options: its data, tokenizer, model and optimizer, fresh, pretrained or resumed
+    (for a resumed run already complete, its model: nothing to train).
 
     Only rank 0 writes the token files; the other ranks keep theirs in memory."""
     text, corpus_name, examples = load_corpus(cfg)
@@ -506,6 +524,11 @@ def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
         raise UnknownCharactersError(f"{err}; --extend-vocab adds them to the model as new tokens") from None
     model, optimizer, start_step, best_val, since_best = build_or_resume(cfg, tokenizer, device, resumed, pretrained,
                                                                          world, learner)
+    if resumed and start_step >= cfg.max_iters:  # nothing to train: say so before any evaluation
+        print(f"the run in {out_dir} is complete at step {start_step} (--max-iters {cfg.max_iters}); to train it "
+              f"further, resume with a larger --max-iters, for example --resume --max-iters {2 * start_step or 1}")
+        done = out_dir / BEST_CHECKPOINT
+        return checkpoint.load(done, device=device)[0] if done.exists() else model  # as a finished run returns it
     if resumed and not (out_dir / BEST_CHECKPOINT).exists():
         print(f"note: {out_dir / BEST_CHECKPOINT} is missing; the next evaluation writes a new one")
         best_val, since_best = math.inf, 0
@@ -532,7 +555,8 @@ def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
         + f"model: {model.num_params():,} parameters, {trainable:,} trainable "
         f"(AdamW state {adamw_mib:.2f} MiB" + (" per rank" if sharded else "") + f"), on {device}"
         + (" (CuPy is installed but sees no CUDA GPU)" if backend.auto_missed_a_gpu(cfg.device, device) else "") + " "
-        f"({cfg.dtype}, {cfg.threads} threads" + (", reference layers" if cfg.reference else "") + ")"
+        f"({cfg.dtype}, {cfg.threads} thread{'' if cfg.threads == 1 else 's'}"
+        + (", reference layers" if cfg.reference else "") + ")"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
     return Run(cfg, world, device, out_dir, tokenizer, model, optimizer, batch, train_split, eval_batches, held_out,
