@@ -392,14 +392,17 @@ def train(cfg):
             devnull = cleanup.enter_context(open(os.devnull, "w", encoding="utf-8"))
             cleanup.enter_context(contextlib.redirect_stdout(devnull))
         # Every rank sets up; if that fails on any of them, all stop (the first failed rank says why).
-        cfg, run = world.stop_all_if_any_fails(lambda: start(cfg, world, cleanup))
+        undo = UndoFailedStart()
+        cfg, run = world.stop_all_if_any_fails(lambda: start(cfg, world, cleanup, undo))
         if isinstance(run, GPT):  # a --resume of a run already complete: nothing to train
+            undo.disarm()
             return run
         if run.device == "cuda":
             world.connect_gpus()
         started = time.perf_counter()
         start_step = run.step
         progress = Progress(cfg, start_step, run.out_dir) if world.is_main else NoProgress()
+        undo.disarm()  # from here on, a failed run keeps what it wrote (its checkpoints, its log)
         try:
             with ctrl_c_requests_stop() as stop_requested:
                 outcome = loop(run, progress, stop_requested)
@@ -415,9 +418,12 @@ def train(cfg):
         return finish(run, start_step, time.perf_counter() - started, progress.log_path, *outcome)
 
 
-def start(cfg, world, cleanup):
+def start(cfg, world, cleanup, undo=None):
     """(cfg with its thread count settled, the Run set up): the out dir prepared and locked (by rank 0,
-    the lock held until `cleanup` closes), the data, model and optimizer ready."""
+    the lock held until `cleanup` closes), the data, model and optimizer ready.
+
+    If the run fails before `undo` (an UndoFailedStart) is disarmed, what this start created in the out
+    dir goes when `cleanup` closes: the out dir itself when it made it, else the files it added."""
     validate(cfg)
     device = backend.resolve_device(cfg.device)
     if world.comm is not None:
@@ -438,6 +444,9 @@ def start(cfg, world, cleanup):
         cleanup.enter_context(threadpool_limits(limits=cores, user_api="blas"))
     out_dir = Path(cfg.out_dir)
     if world.is_main:
+        if undo is not None:
+            undo.before_mkdir(out_dir)
+            cleanup.push(undo)  # pushed before the lock: it runs after the lock (and its file) is gone
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -445,13 +454,61 @@ def start(cfg, world, cleanup):
     system.keep_freed_memory()
     if world.is_main:
         cleanup.enter_context(checkpoint.exclusive(out_dir))
+        if undo is not None:
+            undo.after_lock()  # only now: until the lock is ours, another run may be adding its files
         # Before anything is written: a refused run leaves the out dir as it was (the lock file goes too).
         refuse_another_run(cfg, out_dir)
+    run = setup(cfg, device, out_dir, world)
+    if world.is_main:
+        # Only once the setup succeeded: a start that fails leaves the out dir's earlier files as they were.
         checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + data.TOKEN_FILES)
         if cfg.overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-    return cfg, setup(cfg, device, out_dir, world)
+    return cfg, run
+
+
+class UndoFailedStart:
+    """An exit callback (for ExitStack.push) that removes what a run failing before its first step created
+    in its out dir: the out dir, with the folders above it that its creation made, when the run made it;
+    otherwise the files that appeared in it after the lock was taken. What was there before stays.
+    Does nothing once disarmed, or when the block ends without an error."""
+
+    def __init__(self):
+        self.out_dir, self.made, self.before, self.armed = None, [], None, True
+
+    def before_mkdir(self, out_dir):
+        """Note the folders, out_dir and those above it, that creating out_dir will make."""
+        self.out_dir, folder = Path(out_dir), Path(os.path.abspath(out_dir))
+        while not os.path.lexists(folder) and folder != folder.parent:
+            self.made.append(folder)  # deepest first
+            folder = folder.parent
+
+    def after_lock(self):
+        """Note what the out dir holds once the lock is ours (the lock file included)."""
+        self.before = set(os.listdir(self.out_dir))
+
+    def disarm(self):
+        self.armed = False
+
+    def __call__(self, exc_type, exc, tb):
+        if exc_type is None or not self.armed or self.out_dir is None:
+            return False
+        self.armed = False
+        if self.before is not None:  # the lock was ours: the new files are this run's
+            try:
+                names = set(os.listdir(self.out_dir)) - self.before - {checkpoint.LOCK_FILE}
+            except OSError:
+                names = set()
+            for name in names:
+                path = self.out_dir / name
+                if path.is_symlink() or not path.is_dir():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        for folder in self.made:  # deepest first; a folder that is not empty stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return False  # the error goes on
 
 
 def refuse_another_run(cfg, out_dir):

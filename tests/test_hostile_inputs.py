@@ -327,8 +327,10 @@ def test_resuming_from_a_last_npz_with_any_json_value_trains_or_fails_in_one_lin
     out = tmp_path_factory.mktemp("resume")
     (out / "last.npz").write_bytes(replace_meta((trained / "last.npz").read_bytes(), setter(path, value)))
     monkeypatch.setattr(training, "loop", lambda *args: None)  # set up, then stop as Ctrl-C would: no training
-    status, _, err = call(train_cli.main, ["--data", corpus, "--out-dir", out, "--resume"], capsys)
-    if status != cli.INTERRUPTED:
+    status, out_text, err = call(train_cli.main, ["--data", corpus, "--out-dir", out, "--resume"], capsys)
+    if status == 0:  # a step at or past --max-iters: the run is complete, which it says at once
+        assert path == ("step",) and "is complete at step" in out_text, out_text
+    elif status != cli.INTERRUPTED:
         one_line(err, status)
 
 
