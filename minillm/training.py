@@ -27,13 +27,15 @@ The out dir holds:
     ckpt.npz     the best model so far (lowest validation loss)
     last.npz     the latest state, for --resume (parameters, AdamW moments, step)
     merged.npz   with --merge-lora: ckpt.npz with its adapters merged
-    train.bin, val.bin   the token files
+    train.bin, val.bin   the token files, described by tokens.json, their tokenizer in tokenizer.json
+                 (minillm/prepare.py): a later run on the same text and tokenizer reuses them
     log.jsonl    one JSON object per progress line and per evaluation
     loss.png     the loss curves (when matplotlib is installed)
     layers.png   with --log-layers: each parameter group's gradient norm and update/weight ratio
                  (minillm/health.py), which the progress lines of log.jsonl then also hold
 """
 
+import _thread
 import contextlib
 import math
 import os
@@ -47,7 +49,8 @@ from pathlib import Path
 import numpy
 from threadpoolctl import threadpool_limits
 
-from minillm import backend, checkpoint, data, distributed, evaluate, finetune, memory, parallel, sft, system
+from minillm import backend, checkpoint, data, distributed, evaluate, finetune, memory, parallel, prepare, sft, system
+from minillm.corpus import Corpus
 from minillm.errors import ConfigError
 from minillm.health import PLOT_FILE as LAYERS_PLOT_FILE, LayerWatch, plot_layers
 from minillm.model import GPT, GPTConfig
@@ -57,6 +60,7 @@ from minillm.progress import LOG_FILE, PLOT_FILE, NoProgress, OutlivedStdout, Pr
 from minillm.readback import NonfiniteWatch, StepClock, TrainingError
 from minillm.sampling import encode_prompt, generate
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
+from minillm.tokenizers.choice import choose as choose_tokenizer
 from minillm.zero import ShardedAdamW, ZeroRanks
 
 BEST_CHECKPOINT = "ckpt.npz"
@@ -159,32 +163,35 @@ def check_memory(cfg, model):
 
 
 def load_corpus(cfg):
-    """(text, description, examples) of the data the options name; the built-in corpus by default.
+    """(corpus, examples) of the data the options name; the built-in corpus by default.
 
-    examples are --sft's (line, prompt, completion)s, and text then all their text; else None.
+    examples are --sft's (line, prompt, completion)s, and the corpus then all their text; else None.
     """
     if cfg.sft:
         examples, description = sft.load_examples(cfg.sft)
-        return sft.corpus_text(examples), description, examples
+        return Corpus.from_text(description, sft.corpus_text(examples)), examples
     if cfg.dataset:
         path = data.fetch_dataset(cfg.dataset)
-        return data.read_text(path), f"{cfg.dataset} ({path})", None
+        return Corpus(f"{cfg.dataset} ({path})", paths=[path]), None
     if cfg.data:
-        return data.read_text(cfg.data), cfg.data, None
-    return data.builtin_corpus(), "built-in (Python documentation topics)", None
+        return Corpus.from_paths(cfg.data), None
+    return Corpus.from_text("built-in (Python documentation topics)", data.builtin_corpus()), None
 
 
-def prepare_batches(cfg, text, corpus_name, examples, tokenizer, out_dir):
-    """(train split, val split, what they hold, batch(split, rng, rows=--batch-size) -> (x, y)) for text or
-    --sft examples. With out_dir None the token files are kept in memory, not written."""
+def prepare_batches(cfg, corpus, examples, choice, out_dir):
+    """(tokenizer, train split, val split, what they hold, batch(split, rng, rows=--batch-size) -> (x, y)) for
+    the corpus or --sft examples, under `choice` (a tokenizer, or a Recipe that makes one from the corpus).
+    With out_dir None the token files are kept in memory, not written."""
     if examples is None:
-        train_split, val_split = data.prepare_splits(text, tokenizer, out_dir, cfg.block_size, source=corpus_name)
-        summary = f"{len(text):,} characters, {len(train_split):,} train and {len(val_split):,} val tokens"
-        return train_split, val_split, summary, \
+        prepared = prepare.prepare(corpus, choice, cfg.block_size, out_dir)
+        return prepared.tokenizer, prepared.train, prepared.val, prepared.summary(out_dir), \
             lambda split, rng, rows=cfg.batch_size: data.get_batch(split, rows, cfg.block_size, rng)
+    tokenizer = prepare.made_from(choice, corpus)
     train_split, val_split = sft.prepare_splits(examples, tokenizer, cfg.block_size, cfg.sft)
-    summary = f"{len(train_split):,} train and {len(val_split):,} val prompt/completion pairs"
-    return train_split, val_split, summary, lambda split, rng, rows=cfg.batch_size: sft.get_batch(split, rows, rng)
+    summary = f"{len(train_split):,} train and {len(val_split):,} val prompt/completion pairs; " \
+        f"tokenizer {tokenizer.kind}, {tokenizer.vocab_size:,} tokens"
+    return tokenizer, train_split, val_split, summary, \
+        lambda split, rng, rows=cfg.batch_size: sft.get_batch(split, rows, rng)
 
 
 def sample_text(model, tokenizer, n_tokens, seed):
@@ -387,6 +394,7 @@ def train(cfg):
     """
     world = distributed.join()
     with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(ctrl_c_never_swallowed())
         cleanup.enter_context(outliving_the_terminal())
         if not world.is_main:  # only rank 0 prints
             devnull = cleanup.enter_context(open(os.devnull, "w", encoding="utf-8"))
@@ -461,7 +469,7 @@ def start(cfg, world, cleanup, undo=None):
     run = setup(cfg, device, out_dir, world)
     if world.is_main:
         # Only once the setup succeeded: a start that fails leaves the out dir's earlier files as they were.
-        checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + data.TOKEN_FILES)
+        checkpoint.remove_unfinished_writes(out_dir, RUN_FILES + prepare.PREPARED_FILES)
         if cfg.overwrite:
             for name in RUN_FILES:
                 (out_dir / name).unlink(missing_ok=True)
@@ -524,8 +532,8 @@ def refuse_another_run(cfg, out_dir):
         )
 
 
-def announce_and_extend_pretrained(cfg, model, tokenizer, text):
-    """Print what --init-from loaded; with --extend-vocab, add the text's new characters as tokens.
+def announce_and_extend_pretrained(cfg, model, tokenizer, corpus):
+    """Print what --init-from loaded; with --extend-vocab, add the corpus's new characters as tokens.
 
     Returns (model, tokenizer)."""
     shape = model.config
@@ -537,20 +545,21 @@ def announce_and_extend_pretrained(cfg, model, tokenizer, text):
     if not isinstance(tokenizer, CharTokenizer):
         raise ConfigError(f"--extend-vocab adds characters to a character vocabulary; {cfg.init_from} has a "
                           f"{tokenizer.kind} one, which encodes any text: leave the option out")
-    model, tokenizer, added = extend_vocabulary(model, tokenizer, text, cfg.seed)
+    characters = {chr(codepoint) for codepoint in corpus.scan(prepare.separator_for(tokenizer)).codepoints}
+    model, tokenizer, added = extend_vocabulary(model, tokenizer, characters, cfg.seed)
     shown = ", ".join(map(repr, added[:10])) + (f" and {len(added) - 10} more" if len(added) > 10 else "")
     print(f"vocabulary extended by {len(added)} characters" + (f": {shown}" if added else ""))
     return model, tokenizer
 
 
-def extend_vocabulary(model, tokenizer, text, seed):
-    """(model, tokenizer, the new characters): the characters of text the vocabulary lacks added as new tokens.
+def extend_vocabulary(model, tokenizer, characters, seed):
+    """(model, tokenizer, the new characters): the characters the vocabulary lacks added as new tokens.
 
     Each new character gets the next id and a new row of wte, drawn as GPT-2 draws
     the others, N(0, 0.02^2). The old rows stay as they were, so the old tokens'
     logits (x @ wte^T, one column per row) are unchanged until training moves them.
     """
-    added = sorted(set(text) - tokenizer.ids.keys())
+    added = sorted(set(characters) - tokenizer.ids.keys())
     rows = backend.RNG(seed, model.device).normal((len(added), model.config.n_embd), 0.02, model.dtype)
     params = {**model.params, "wte.weight": model.xp.concatenate([model.params["wte.weight"], rows])}
     config = replace(model.config, vocab_size=model.config.vocab_size + len(added))
@@ -563,17 +572,17 @@ def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
     (for a resumed run already complete, its model: nothing to train).
 
     Only rank 0 writes the token files; the other ranks keep theirs in memory."""
-    text, corpus_name, examples = load_corpus(cfg)
+    corpus, examples = load_corpus(cfg)
     resumed = checkpoint.load(out_dir / LAST_CHECKPOINT, device=device) if cfg.resume else None
     pretrained = checkpoint.load_pretrained(cfg.init_from, device, cfg.dtype) if cfg.init_from and not resumed else None
     if pretrained:
-        pretrained = announce_and_extend_pretrained(cfg, *pretrained, text)
+        pretrained = announce_and_extend_pretrained(cfg, *pretrained, corpus)
     learner = load_learner_layers(cfg)  # before the token files are written: a wrong folder stops the run here
     # A resumed or pretrained model keeps its vocabulary: the token ids must mean what they meant.
-    tokenizer = resumed[1] if resumed else pretrained[1] if pretrained else CharTokenizer.from_text(text)
+    choice = resumed[1] if resumed else pretrained[1] if pretrained else choose_tokenizer(cfg.tokenizer, cfg.vocab_size)
     try:
-        train_split, val_split, data_summary, batch = prepare_batches(
-            cfg, text, corpus_name, examples, tokenizer, out_dir if world.is_main else None
+        tokenizer, train_split, val_split, data_summary, batch = prepare_batches(
+            cfg, corpus, examples, choice, out_dir if world.is_main else None
         )
     except UnknownCharactersError as err:
         if not pretrained:
@@ -607,7 +616,7 @@ def setup(cfg, device, out_dir, world=distributed.SINGLE_PROCESS):
         f" each batch of {cfg.batch_size} rows ({world.rows(cfg.batch_size)} on rank 0); gradients summed through " \
         f"{world.gradient_path.upper()}" + (", AdamW state sharded (--zero 1)" if sharded else "")
     print(
-        f"corpus: {corpus_name}, {data_summary}, vocabulary {tokenizer.vocab_size}\n"
+        f"corpus: {corpus.name}, {data_summary}\n"
         + (f"ranks: {ranks}\n" if world.comm else "")
         + f"model: {model.num_params():,} parameters, {trainable:,} trainable "
         f"(AdamW state {adamw_mib:.2f} MiB" + (" per rank" if sharded else "") + f"), on {device}"
@@ -655,6 +664,50 @@ def ctrl_c_requests_stop():
         yield stop_requested
     finally:
         signal.signal(signal.SIGINT, previous_handler)
+
+
+@contextlib.contextmanager
+def ctrl_c_never_swallowed():
+    """Within the block, a Ctrl-C that lands in a finalizer (__del__), a garbage-collector or weakref callback,
+    or any other place where Python swallows exceptions acts as a Ctrl-C pressed just after it; one not yet
+    acted on when the block ends (without an error) is raised there.
+
+    There its KeyboardInterrupt cannot propagate: Python prints "Exception ignored in ..." (sys.unraisablehook)
+    and goes on, so a second Ctrl-C meant to stop at once would be lost and training would carry on. Every
+    other exception that Python swallows goes to the hook that was in place.
+    """
+    previous_hook = sys.unraisablehook
+    owed = []  # Ctrl-Cs swallowed and not yet pressed again; list.append and list.pop are atomic
+
+    def press_an_owed_ctrl_c():
+        try:
+            owed.pop()
+        except IndexError:  # the block has ended and raised it
+            return
+        _thread.interrupt_main(signal.SIGINT)
+
+    def press_ctrl_c_again(unraisable):
+        try:
+            if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+                return previous_hook(unraisable)
+        except KeyboardInterrupt:  # a Ctrl-C landing in this hook would be swallowed in its turn
+            pass
+        owed.append(signal.SIGINT)
+        # From a thread of its own: pressed from here, the Ctrl-C would be acted on before this hook returns,
+        # inside it, and swallowed again. The thread runs once this one lets go of the interpreter lock (within
+        # about sys.getswitchinterval(), unless the machine is busy); threading.Thread would wait in here for it
+        # to start. Should the Ctrl-C land where it is swallowed again, it comes back here and goes round again.
+        _thread.start_new_thread(press_an_owed_ctrl_c, ())
+
+    sys.unraisablehook = press_ctrl_c_again
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        ctrl_c_owed = bool(owed)
+        owed.clear()  # a thread that has not run yet finds nothing left to press
+    if ctrl_c_owed:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

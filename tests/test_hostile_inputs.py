@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy
@@ -212,6 +212,13 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
     max_leaves=6,
 )
+# Values of the kinds the fields hold, often valid ones: drawn from json_values alone, few examples would get
+# past the checks to the value the properties then check was taken as it was written.
+typical_values = (
+    st.integers(min_value=0, max_value=8) | st.floats(min_value=0, max_value=1, exclude_max=True)
+    | st.floats(min_value=0, max_value=100) | st.booleans()
+    | st.sampled_from(["float32", "float64", "char", "attn", "mlp", "attn,mlp"])
+)
 DEEP = "[" * 100_000  # deeper than Python's recursion limit
 
 
@@ -228,39 +235,67 @@ TRAIN_FIELDS = {field.name: field.type for field in fields(TrainConfig)}
 
 
 @settings(max_examples=60)
-@given(name=st.sampled_from(sorted(TRAIN_FIELDS)), value=json_values | st.just(DEEP), dashes=st.booleans())
+@given(name=st.sampled_from(sorted(TRAIN_FIELDS)), value=json_values | typical_values | st.just(DEEP),
+       dashes=st.booleans())
 def test_a_config_file_value_of_any_json_type_is_taken_only_if_of_the_option_type(
     tmp_path_factory, name, value, dashes
 ):
     path = tmp_path_factory.mktemp("config") / "options.json"
     key = name.replace("_", "-") if dashes else name
     path.write_text(value if value is DEEP else json.dumps({key: value}), encoding="utf-8")
-    args = train_cli.build_parser().parse_args(["--config", str(path), "--out-dir", str(path.parent / "out")])
+    # --out-dir (away from the working folder's out/, which a --resume would read) wins over the file's out_dir.
+    away = [] if name == "out_dir" else ["--out-dir", str(path.parent / "out")]
+    args = train_cli.build_parser().parse_args(["--config", str(path), *away])
     try:
         with deadline(10):
             cfg = train_cli.resolve_config(args)
             options.validate(cfg)
-    except (ConfigError, checkpoint.CheckpointError) as err:
+    except (*cli.USAGE_ERRORS, checkpoint.CheckpointError) as err:
         assert len(str(err).splitlines()) == 1, str(err)
         return
     assert value is not DEEP
-    assert type_matches(TRAIN_FIELDS[name], value), f"{name} = {value!r} was accepted"
-    assert getattr(cfg, name) == value
+    several_files = name == "data" and isinstance(value, list) and value and all(isinstance(v, str) and v
+                                                                                  for v in value)
+    assert several_files or type_matches(TRAIN_FIELDS[name], value), f"{name} = {value!r} was accepted"
+    taken = getattr(cfg, name)
+    assert taken == value and type(taken) is type(value), f"{name} = {value!r} was taken as {taken!r}"
 
 
 HF_KEYS = ["n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "resid_pdrop", "n_inner", "layer_norm_epsilon",
            "model_type", "activation_function", "scale_attn_weights"]
 
 
-@settings(max_examples=40)
-@given(key=st.sampled_from(HF_KEYS), value=json_values)
+# The config.json keys that become a GPTConfig field, and the type the field takes.
+HF_FIELDS = {"n_layer": ("n_layer", int), "n_head": ("n_head", int), "n_embd": ("n_embd", int),
+             "n_positions": ("block_size", int), "vocab_size": ("vocab_size", int), "resid_pdrop": ("dropout", float)}
+# The others only say how GPT-2 computes: a value is taken only where it means what minillm computes.
+GPT2_COMPUTATION = {
+    "n_inner": lambda value: value is None or (type_matches(int, value) and value == 4 * 4),  # 4 * n_embd
+    "layer_norm_epsilon": lambda value: type_matches(float, value) and value == hf.layernorm.EPS,
+    "model_type": lambda value: value == "gpt2",
+    "activation_function": lambda value: value in hf.GELU_TANH,
+    "scale_attn_weights": bool,
+}
+
+
+@settings(max_examples=100)
+@given(key=st.sampled_from(HF_KEYS), value=json_values | typical_values)
 def test_a_gpt2_config_json_value_of_any_type_gives_a_config_or_a_pretrained_error(key, value):
-    config = hf.config_to_hf(GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4), "float32")
+    written = GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    config = hf.config_to_hf(written, "float32")
     config[key] = value
     try:
-        hf.config_from_hf(config)
+        loaded = hf.config_from_hf(config)
     except hf.PretrainedError as err:
         assert len(str(err).splitlines()) == 1, str(err)
+        return
+    if key in HF_FIELDS:
+        field, kind = HF_FIELDS[key]
+        assert type_matches(kind, value), f"{key} = {value!r} was accepted"
+        assert loaded == replace(written, **{field: value}) and type(getattr(loaded, field)) is type(value), loaded
+    else:
+        assert GPT2_COMPUTATION[key](value), f"{key} = {value!r} was accepted"
+        assert loaded == written, loaded
 
 
 def replace_meta(data, edit):
@@ -302,36 +337,72 @@ META_FIELDS = [
 ]
 
 
-@in_process
-@given(path=st.sampled_from(META_FIELDS), value=json_values | st.just(DEEP))
+@settings(in_process, max_examples=60)
+@given(path=st.sampled_from(META_FIELDS), value=json_values | typical_values | st.just(DEEP))
 def test_checkpoint_metadata_of_any_json_value_loads_or_is_a_checkpoint_error(tmp_path_factory, trained, path, value):
     damaged = tmp_path_factory.mktemp("meta") / "ckpt.npz"
     edit = (lambda meta: DEEP) if value is DEEP else setter(path, value)
     damaged.write_bytes(replace_meta((trained / "last.npz").read_bytes(), edit))
     try:
         with deadline(10):
-            checkpoint.load(damaged)
+            model, tokenizer, meta, optimizer_state = checkpoint.load(damaged)
     except checkpoint.CheckpointError as err:
         assert len(str(err).splitlines()) == 1, str(err)
+        return
+    assert value is not DEEP
+    if path in (("step",), ("optimizer_step",)):  # counts: loaded as written, or refused
+        assert type_matches(int, value) and value >= 0, f"{path} = {value!r} was accepted"
+    # What the loaded model, tokenizer and optimizer hold where the value was written.
+    held = {"format": checkpoint.FORMAT, "dtype": model.dtype.name, "config": model.config.to_dict(),
+            "tokenizer": tokenizer.to_dict(), "step": meta["step"], "optimizer_step": optimizer_state["t"]}
+    for key in path:
+        held = held[key]
+    assert held == value and isinstance(held, bool) == isinstance(value, bool), f"{path}: {value!r} loaded as {held!r}"
 
 
 RESUME_FIELDS = [("step",), ("best_val_loss",), ("evals_since_best",), ("optimizer_step",), ("train_config",),
                  *[("train_config", name) for name in ("n_layer", "lr", "dropout", "bias", "lora_targets", "threads")]]
 
 
-@in_process
-@given(path=st.sampled_from(RESUME_FIELDS), value=json_values)
+RESUMED_AS = {("step",): "step", ("best_val_loss",): "best_val", ("evals_since_best",): "since_best"}
+
+
+@settings(in_process, max_examples=50)
+@given(path=st.sampled_from(RESUME_FIELDS), value=json_values | typical_values)
 def test_resuming_from_a_last_npz_with_any_json_value_trains_or_fails_in_one_line(
     tmp_path_factory, capsys, monkeypatch, trained, corpus, path, value
 ):
     out = tmp_path_factory.mktemp("resume")
     (out / "last.npz").write_bytes(replace_meta((trained / "last.npz").read_bytes(), setter(path, value)))
-    monkeypatch.setattr(training, "loop", lambda *args: None)  # set up, then stop as Ctrl-C would: no training
-    status, out_text, err = call(train_cli.main, ["--data", corpus, "--out-dir", out, "--resume"], capsys)
+    (out / "ckpt.npz").write_bytes((trained / "ckpt.npz").read_bytes())  # else the best val loss starts afresh
+    set_up = []
+    monkeypatch.setattr(training, "loop", lambda run, *rest: set_up.append(run))  # then stop as Ctrl-C would
+    # The trained run is complete at its step 2: resumed to step 4, it is set up to train on.
+    argv = ["--data", corpus, "--out-dir", out, "--resume", "--max-iters", 4]
+    status, out_text, err = call(train_cli.main, argv, capsys)
     if status == 0:  # a step at or past --max-iters: the run is complete, which it says at once
-        assert path == ("step",) and "is complete at step" in out_text, out_text
-    elif status != cli.INTERRUPTED:
+        assert path == ("step",) and value >= 4 and "is complete at step" in out_text, out_text
+        return
+    if status != cli.INTERRUPTED:
         one_line(err, status)
+        return
+    [run] = set_up
+    if path in RESUMED_AS:
+        held = getattr(run, RESUMED_AS[path])
+    elif path == ("optimizer_step",):
+        held = run.optimizer.t
+    elif path == ("train_config", "threads"):  # the machine's option, never the saved run's: decided here
+        assert run.cfg.threads == (training.system.usable_cores() if run.device == "cpu" else 1)
+        return
+    elif path == ("train_config",):  # each option as saved, but those the command line or the machine decides
+        decided_here = {"data", "out_dir", "resume", "max_iters", *training.MACHINE_OPTIONS}
+        saved = {key: item for key, item in value.items() if key.replace("-", "_") not in decided_here}
+        taken = {key: getattr(run.cfg, key.replace("-", "_")) for key in saved}
+        assert taken == saved, f"train_config {value!r} was taken as {taken!r}"
+        return
+    else:
+        held = getattr(run.cfg, path[1])
+    assert held == value and isinstance(held, bool) == isinstance(value, bool), f"{path}: {value!r} taken as {held!r}"
 
 
 # ---------------------------------------------------------------- the zip inside a checkpoint
@@ -413,31 +484,69 @@ NUMERIC_OPTIONS = sorted(name for name, kind in TRAIN_FIELDS.items() if kind in 
 sizes = (
     st.integers(min_value=HUGE, max_value=10**30) | st.integers(min_value=-(10**30), max_value=-1) | st.just(0)
     | st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(min_value=1, max_value=4)  # small enough to be taken: then the value set up is checked
 )
 
 
-@in_process
+@settings(in_process, max_examples=30)
 @given(name=st.sampled_from(NUMERIC_OPTIONS), value=sizes)
 def test_a_numeric_training_option_of_any_size_is_set_up_or_refused_in_one_line(
     tmp_path_factory, capsys, monkeypatch, corpus, name, value
 ):
     out = tmp_path_factory.mktemp("sizes")
-    monkeypatch.setattr(training, "loop", lambda *args: None)  # set-up only: the data, the model, the batches
+    set_up = []
+    monkeypatch.setattr(training, "loop", lambda run, *rest: set_up.append(run))  # set-up only, then stop
     status, _, err = call(train_cli.main, ["--data", corpus, "--out-dir", out, *flags(**{name: value})], capsys)
     if status != cli.INTERRUPTED:
         one_line(err, status)
+        return
+    given = TRAIN_FIELDS[name](str(value))  # as the flag's text is read
+    assert given == given, f"--{name} {value} was accepted"  # a NaN, which no option can use
+    if name == "threads" and given == 0:  # 0: one per core
+        given = training.system.usable_cores()
+    [run] = set_up
+    assert getattr(run.cfg, name) == given, f"--{name} {value} was set up as {getattr(run.cfg, name)!r}"
 
 
-GENERATE_SIZES = ["num-samples", "top-k", "top-p", "temperature", "seed"]
+# Each option: the argument of sampling.stream it becomes, and the type its text is read as.
+GENERATE_SIZES = {"num-samples": ("rows", int), "top-k": ("top_k", int), "top-p": ("top_p", float),
+                  "temperature": ("temperature", float), "seed": ("seed", int)}
 
 
-@in_process
-@given(name=st.sampled_from(GENERATE_SIZES), value=sizes)
-def test_a_numeric_sampling_option_of_any_size_samples_or_is_refused_in_one_line(capsys, trained, name, value):
+SAMPLING_STREAM = generate_cli.stream  # taken before any test replaces it
+
+
+def recording_stream(used):
+    """sampling.stream as generate.py calls it, noting into `used` its arguments and the tokens it draws."""
+
+    def record(model, idx, max_new_tokens, temperature, top_k, top_p, seed, **options):
+        used.update(prompt=list(idx[0]), rows=len(idx), max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=seed, drawn=[])
+        for next_ids in SAMPLING_STREAM(model, idx, max_new_tokens, temperature, top_k, top_p, seed, **options):
+            used["drawn"].append(int(training.backend.to_host(next_ids)[0]))
+            yield next_ids
+
+    return record
+
+
+@settings(in_process, max_examples=40)
+@given(name=st.sampled_from(sorted(GENERATE_SIZES)), value=sizes)
+def test_a_numeric_sampling_option_of_any_size_samples_or_is_refused_in_one_line(
+    capsys, monkeypatch, trained, name, value
+):
+    used = {}
+    monkeypatch.setattr(generate_cli, "stream", recording_stream(used))
     argv = ["--ckpt", trained / "ckpt.npz", "--max-new-tokens", 2, "--device", "cpu", f"--{name}", value]
-    status, _, err = call(generate_cli.main, argv, capsys)
+    status, out, err = call(generate_cli.main, argv, capsys)
     if status != 0:
         one_line(err, status)
+        return
+    argument, kind = GENERATE_SIZES[name]
+    given = kind(str(value))  # as the flag's text is read
+    assert given == given and used[argument] == given, f"--{name} {value} was used as {used.get(argument)!r}"
+    # Each sample (a character model's: one character a token) is its 2 new tokens and a newline.
+    samples = out.split(generate_cli.SEPARATOR + "\n")
+    assert len(used["drawn"]) == 2 and [len(sample) for sample in samples] == [3] * used["rows"], out
 
 
 @settings(max_examples=30)
@@ -521,20 +630,33 @@ def test_a_jsonl_line_nested_too_deeply_is_one_line_naming_the_line(tmp_path):
         sft.read_jsonl(path)
 
 
-@in_process
-@given(raw=st.binary(min_size=1, max_size=8))
-def test_a_prompt_of_any_bytes_on_a_bpe_model_samples_or_is_a_usage_error(capsys, bpe_checkpoint, raw):
+# Text with white space at its ends, too: a prompt is continued as it was given, never stripped.
+texts_as_given = st.lists(st.sampled_from([" ", "\n", "\t", "a", "é", "€", "😀"]), min_size=1, max_size=6).map("".join)
+
+
+@settings(in_process, max_examples=30)
+@given(raw=st.binary(min_size=1, max_size=8) | texts_as_given.map(str.encode))
+def test_a_prompt_of_any_bytes_on_a_bpe_model_samples_or_is_a_usage_error(capsys, monkeypatch, bpe_checkpoint, raw):
     prompt = os.fsdecode(raw)  # what the shell hands Python for these bytes
     if "\0" in prompt or prompt == "-":
         return  # no shell can pass a NUL byte; "-" means standard input
+    used = {}
+    monkeypatch.setattr(generate_cli, "stream", recording_stream(used))
     argv = ["--ckpt", bpe_checkpoint / "ckpt.npz", f"--prompt={prompt}", "--max-new-tokens", 2, "--device", "cpu"]
-    status, _, err = call(generate_cli.main, argv, capsys)
+    status, out, err = call(generate_cli.main, argv, capsys)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         assert "not UTF-8" in one_line(err, status, (2,))
-    else:
-        assert status == 0, err
+        return
+    assert status == 0, err
+    tokenizer = BPETokenizer.load(bpe_checkpoint)
+    assert tokenizer.decode(used["prompt"]) == prompt  # the model continues the prompt itself
+    # 2 new tokens, fewer only when one is the end of the text.
+    drawn = used["drawn"]
+    assert len(drawn) == 2 or drawn[-1] == tokenizer.eot_id, drawn
+    new_text = tokenizer.decode([token for token in drawn if token != tokenizer.eot_id])
+    assert out == prompt + new_text + "\n", (out, prompt, new_text)
 
 
 # ---------------------------------------------------------------- exit statuses

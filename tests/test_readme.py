@@ -26,12 +26,15 @@ def readme_examples():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A user's folder: the two scripts, out/ckpt.npz from a short run, and a prompt file."""
+    """A user's folder: the two scripts, out/ckpt.npz from a short run (and out-bpe/ckpt.npz, a BPE one, as in
+    "Your own data"), and a prompt file."""
     folder = tmp_path_factory.mktemp("user")
     for script in ("train.py", "generate.py"):
         shutil.copy(ROOT / script, folder / script)
-    train(TrainConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=30, eval_interval=30,
-                      eval_iters=1, sample_tokens=0, device="cpu", threads=1, out_dir=str(folder / "out")))
+    tiny = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_iters=30, eval_interval=30,
+                eval_iters=1, sample_tokens=0, device="cpu", threads=1)
+    train(TrainConfig(out_dir=str(folder / "out"), **tiny))
+    train(TrainConfig(out_dir=str(folder / "out-bpe"), tokenizer="bpe", vocab_size=300, **tiny))
     (folder / "prompt.txt").write_text("The \n")
     return folder
 

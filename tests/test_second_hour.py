@@ -1,5 +1,6 @@
 """A new user's second hour: resuming a complete run, a resume with other model options, a resume into a
-folder in use, and a resume on another machine (its threads decided there)."""
+folder in use, and a resume on another machine (its threads and device decided there, also for a checkpoint of
+an older version, which saved them with the run's options)."""
 
 import os
 import subprocess
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minillm import checkpoint, system
+from minillm import checkpoint, system, train_cli
+from minillm.options import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--eval-interval", "10",
@@ -67,3 +69,24 @@ def test_a_resume_takes_its_threads_from_this_machine_unless_given(corpus, tmp_p
     given = train(corpus, tmp_path, "--resume", "--max-iters", "30", "--device", "cpu", "--threads", "1")
     assert given.returncode == 0, given.stderr
     assert "cpu (float32, 1 thread)" in given.stdout
+
+
+def test_a_resume_of_an_older_checkpoint_ignores_the_threads_and_device_it_saved(corpus, tmp_path):
+    first = train(corpus, tmp_path, "--max-iters", "10", "--device", "cpu", "--threads", "1")
+    assert first.returncode == 0, first.stderr
+    last = tmp_path / "last.npz"
+    model, tokenizer, meta, optimizer_state = checkpoint.load(last)
+    written_by_save = ("format", "version", "config", "dtype", "tokenizer", "optimizer_step")
+    older = {name: value for name, value in meta.items() if name not in (*written_by_save, "ran_on")}
+    older["train_config"] |= {"threads": 1, "device": "cpu"}  # as versions before ran_on wrote it
+    checkpoint.save(last, model, tokenizer, optimizer_state=optimizer_state, **older)
+
+    def resumed(*flags):
+        args = train_cli.build_parser().parse_args(["--resume", "--out-dir", str(tmp_path), *flags])
+        return train_cli.resolve_config(args)
+
+    cfg, defaults = resumed(), TrainConfig()
+    assert (cfg.threads, cfg.device) == (defaults.threads, defaults.device)  # threads 0: decided on this machine
+    assert (cfg.max_iters, cfg.n_layer, cfg.batch_size) == (10, 1, 2)  # the run's own options still come back
+    assert resumed("--threads", "1").threads == 1
+    assert resumed("--device", "cpu").device == "cpu"

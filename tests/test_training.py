@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy
 import pytest
 
-from minillm import checkpoint, data, hf
+from minillm import checkpoint, data, hf, prepare
+from minillm.corpus import Corpus
 from minillm.sampling import generate
+from minillm.tokenizers.choice import Recipe
 from minillm.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +55,9 @@ def test_windows_stay_inside_their_split(tmp_path):
 
     text = "".join(chr(ord("a") + i % 26) for i in range(300))
     tokenizer = CharTokenizer.from_text(text)
-    train_tokens, val_tokens = data.prepare_splits(text, tokenizer, tmp_path, block_size=8)
+    prepared = prepare.prepare(Corpus.from_text("letters", text), Recipe("char"), block_size=8, directory=tmp_path)
+    train_tokens, val_tokens = prepared.train, prepared.val
+    assert prepared.tokenizer.chars == tokenizer.chars
     assert len(train_tokens) == 270 and len(val_tokens) == 30
     assert numpy.array_equal(numpy.concatenate([train_tokens, val_tokens]), tokenizer.encode(text))
     rng = numpy.random.default_rng(0)
@@ -68,11 +72,9 @@ def test_windows_stay_inside_their_split(tmp_path):
 
 
 def test_split_too_small_for_a_window_is_a_clear_error(tmp_path):
-    from minillm.tokenizers.char import CharTokenizer
-
     text = "abcdefghij" * 5  # val split: 5 tokens
     with pytest.raises(data.DataError, match="val split has 5 tokens"):
-        data.prepare_splits(text, CharTokenizer.from_text(text), tmp_path, block_size=8)
+        prepare.prepare(Corpus.from_text("letters", text), Recipe("char"), block_size=8, directory=tmp_path)
 
 
 def test_train_saves_checkpoints_log_and_plot_and_samples(tmp_path, corpus):

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from minillm import checkpoint, data, generate_cli, sft
+from minillm import checkpoint, generate_cli, sft
+from minillm.corpus import Corpus
 from minillm.model import GPT, GPTConfig
 from minillm.tokenizers.bpe import BPETokenizer
 from minillm.tokenizers.char import CharTokenizer, UnknownCharactersError
@@ -53,7 +54,7 @@ def test_crlf_sft_jsonl_reads_as_lf(tmp_path):
 def test_a_fresh_character_vocabulary_of_a_crlf_corpus_has_carriage_return(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_bytes(crlf(CORPUS).encode("utf-8"))
-    text = data.read_text(path)
+    text = "".join(Corpus.from_paths(str(path)).pieces("\n"))
     assert text == crlf(CORPUS) and "\r" in CharTokenizer.from_text(text).chars
 
 

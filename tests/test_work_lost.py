@@ -193,10 +193,14 @@ def test_a_chain_of_kills_and_resumes_logs_each_step_once(tmp_path, corpus):
         found = re.search(r"resuming at step (\d+)", proc.communicate()[0])
         if found:
             resumed_at.add(int(found[1]))
-    finished = subprocess.run(command("train.py", *train_flags(corpus, killed, 300, *flags, "--resume")),
+    # On a busy machine every kill may come before the first save: then the last run starts afresh.
+    last = ["--resume"] if (killed / "last.npz").exists() else ["--overwrite"]
+    finished = subprocess.run(command("train.py", *train_flags(corpus, killed, 300, *flags, *last)),
                               capture_output=True, text=True, env=ENV)
     assert finished.returncode == 0, finished.stderr
-    resumed_at.add(int(re.search(r"resuming at step (\d+)", finished.stdout)[1]))
+    found = re.search(r"resuming at step (\d+)", finished.stdout)
+    if found:
+        resumed_at.add(int(found[1]))
 
     numbers = ("step", "loss", "grad_norm", "lr", "train_loss", "val_loss")
     described = lambda entry: tuple(entry.get(key) for key in numbers)

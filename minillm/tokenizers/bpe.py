@@ -255,6 +255,23 @@ class BPETokenizer:
         runs out of pairs to merge, the vocabulary ends up smaller, with a warning
         that gives the size reached.
         """
+        tokenizer = cls.train_on_pieces([text], vocab_size, special_tokens)
+        if tokenizer.vocab_size < vocab_size:
+            warnings.warn(
+                f"BPE training reached {tokenizer.vocab_size} tokens, not the {vocab_size} asked for: the text has "
+                f"no more pairs to merge after {len(tokenizer.merges)} merges; train on more text for a larger "
+                "vocabulary",
+                stacklevel=2,
+            )
+        return tokenizer
+
+    @classmethod
+    def train_on_pieces(cls, pieces, vocab_size, special_tokens=(ENDOFTEXT,)):
+        """train() on a text given as pieces, each counted as it comes (a corpus larger than memory).
+
+        The pieces must be cut where no chunk of step 2 straddles a cut (minillm/data.py's
+        safe_pieces); the vocabulary may end up smaller than asked, without a warning.
+        """
         special_tokens = list(dict.fromkeys(special_tokens))
         n_new_tokens = vocab_size - 256 - len(special_tokens)
         if n_new_tokens < 0:
@@ -264,8 +281,9 @@ class BPETokenizer:
             )
         pattern = special_pattern(special_tokens)
         chunk_counts = Counter()
-        for piece in pattern.split(text) if pattern else [text]:
-            chunk_counts.update(pretokenize(piece))
+        for text in pieces:
+            for piece in pattern.split(text) if pattern else [text]:
+                chunk_counts.update(pretokenize(piece))
         word_counts = Counter()
         for chunk, count in chunk_counts.items():
             try:
@@ -273,14 +291,7 @@ class BPETokenizer:
             except UnicodeEncodeError:
                 raise TokenizerError(f"the training text contains a lone surrogate in {chunk!r}") from None
         vocab, merges = learn_merges(word_counts, n_new_tokens)
-        tokenizer = cls(vocab, merges, {token: len(vocab) + i for i, token in enumerate(special_tokens)})
-        if tokenizer.vocab_size < vocab_size:
-            warnings.warn(
-                f"BPE training reached {tokenizer.vocab_size} tokens, not the {vocab_size} asked for: the text has "
-                f"no more pairs to merge after {len(merges)} merges; train on more text for a larger vocabulary",
-                stacklevel=2,
-            )
-        return tokenizer
+        return cls(vocab, merges, {token: len(vocab) + i for i, token in enumerate(special_tokens)})
 
     # -- GPT-2's files --------------------------------------------------------------------------
 
