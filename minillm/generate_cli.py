@@ -67,7 +67,8 @@ def parse_args(argv=None):
         prog="generate.py",
         description="Sample text from a trained checkpoint. The text streams to standard output as it is "
         "produced. Several samples are drawn as one batch: the first streams live, the others follow when "
-        "the batch is done, each after a line of dashes.",
+        "the batch is done, each after a line of dashes. Each is the text that one sample alone would give "
+        "with its seed (see --seed).",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--ckpt", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/ckpt.npz)")
@@ -96,7 +97,9 @@ def parse_args(argv=None):
                         help="end a sample right after it produces TEXT, in which \\n, \\t and \\\\ stand for a "
                         "newline, a tab and a backslash (may be given more than once; the end-of-text token, for "
                         "tokenizers that have one, always ends a sample)")
-    parser.add_argument("--seed", type=int, default=1337, metavar="N", help="same seed, same text (default: 1337)")
+    parser.add_argument("--seed", type=int, default=1337, metavar="N",
+                        help="same seed, same text; of several samples, the first takes seed N, the next N + 1, "
+                        "and so on (default: 1337)")
     parser.add_argument("--device", default="auto", choices=backend.DEVICES, help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--reference", action="store_true",
                         help="sample on the reference layers (minillm/layers: the equations as written) "

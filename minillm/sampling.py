@@ -6,6 +6,12 @@ For each new token, from the logits z of the last position:
     top_p: keep the smallest set of most likely tokens whose probability reaches p
     next  = a draw from softmax(z)     as argmax(z + g), g ~ Gumbel(0, 1) per token
 
+A batch's rows draw their g from generators of their own, seeded seed, seed + 1, ...: row i
+samples what a batch of one with seed + i samples (RowGenerators), up to rounding. A batch's
+matrix products run BLAS's matrix-matrix kernel and a single row's its matrix-vector kernel; they
+add in different orders, so the logits differ in their last bits, and a token can differ only
+where two candidates are within that rounding of each other.
+
 With the KV cache (the default) the prompt is run through the model once (the
 "prefill"), and every later step feeds only the token just drawn: each layer
 keeps the keys and values of the past positions (see model.decode). Without it,
@@ -66,8 +72,25 @@ def keep_top_p(logits, p):
     return xp.where(keep, logits, -math.inf)
 
 
+class RowGenerators:
+    """A seeded generator per row of a batch, drawing as backend.RNG does: row i from seed first_seed + i.
+
+    A row's draws are then those of a batch of one with its seed, whatever the rows beside it.
+    """
+
+    def __init__(self, first_seed, rows, device="cpu"):
+        self.rows = [backend.RNG(first_seed + row, device) for row in range(rows)]
+
+    def uniform(self, shape, dtype):
+        """Samples of U[0, 1) of shape (rows, ...): row i from generator i."""
+        return self.rows[0].xp.stack([rng.uniform(shape[1:], dtype) for rng in self.rows])
+
+
 def sample_next(logits, temperature, top_k, top_p, rng):
-    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy.
+
+    rng: a backend.RNG, or RowGenerators to give each row its own stream.
+    """
     xp = backend.get_array_module(logits)
     # Below the dtype's smallest normal number, dividing by the temperature would give 0 / 0 for the
     # largest logit: such a temperature is greedy sampling in all but name.
@@ -94,7 +117,8 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
 
     idx: integer prompt (B, T) with T >= 1, on the host or the device; the model sees its
     last block_size tokens. Stopping the iteration early ends the generation. The same
-    seed gives the same tokens; use_cache=False runs the full forward pass every step.
+    seed gives the same tokens, and row i those of a batch of one with seed + i (up to rounding: see
+    the module docstring); use_cache=False runs the full forward pass every step.
     With the cache, the loop reads nothing back from a GPU: the tokens stay on the
     device until the caller copies them.
     """
@@ -107,7 +131,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     if window.shape[1] == 0:
         raise ValueError("the prompt must hold at least one token")
     window = xp.asarray(window).astype(xp.int64)
-    rng = backend.RNG(seed, model.device)
+    rng = RowGenerators(seed, window.shape[0], model.device)
     kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
     was_training = model.training
     model.eval()

@@ -5,7 +5,7 @@
 The ceiling is the measured float32 rate of a 4096 x 4096 matrix product through
 the device's array module. A training step is forward, backward, gradient clipping
 and AdamW on one batch, as train.py runs it on a GPU (one thread); FLOPs are
-nanoGPT's count (see bench/training.py), MFU their rate over the ceiling. GPT-2
+the matrix products' (bench/roofline.py), MFU their rate over the ceiling. GPT-2
 small trains with the largest batch of 64, 32, 16, ... that fits. Each step is timed
 in turns with the same step on the plain array code (fused kernels off) and on the
 reference layers (minillm.layers), and each speedup is the median of the per-round
@@ -25,7 +25,7 @@ import numpy
 
 from minillm import backend
 from minillm.bench.common import format_table, interleaved_times, machine_description, median_seconds, write_section
-from minillm.bench.training import flops_per_step
+from minillm.bench.roofline import training_flops
 from minillm.model import GPT, GPTConfig
 from minillm.optim import AdamW, clip_grad_norm
 from minillm.sampling import generate
@@ -87,7 +87,7 @@ def train_row(name, device, steps, gflops_ceiling):
     seconds = statistics.median(times["fused"])
     speedup = lambda other: f"{statistics.median(o / f for f, o in zip(times['fused'], times[other])):.2f}x"
     tokens = batch_size * config.block_size
-    achieved = flops_per_step(config, batch_size) / seconds / 1e9
+    achieved = training_flops(config, batch_size).products / seconds / 1e9
     return [name, batch_size, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", f"{achieved:,.0f}",
             f"{100 * achieved / gflops_ceiling:.0f}%",
             f"{1000 * statistics.median(times['plain']):.1f}", speedup("plain"),

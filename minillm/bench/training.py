@@ -4,12 +4,12 @@
 
 For each configuration: the median time of a full training step (forward,
 backward, gradient clipping, AdamW) over all CPU threads, tokens per second, the
-achieved GFLOP/s with nanoGPT's count (6 N + 12 L H Q T floating-point operations
-per token: N parameters without the position table, L layers, H heads, Q head
-size, T context), MFU against the matrix-product rate measured here, and the
-peak memory of a training process against an analytic estimate. PyTorch, when
-importable, runs the same model with the same shapes and thread count, its steps
-interleaved with minillm's so that load from elsewhere falls on both alike.
+step's FLOPs split into matrix products and the rest (bench/roofline.py counts
+them from the shapes), MFU (the products' FLOPs per second over the matrix-product
+rate measured in the same run), and the peak memory of a training process against
+an analytic estimate. PyTorch, when importable, runs the same model with the same
+shapes and thread count, its steps interleaved with minillm's so that load from
+elsewhere falls on both alike.
 Then a per-layer breakdown of one step of the first configuration.
 """
 
@@ -27,6 +27,7 @@ import numpy
 from minillm import parallel, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS, benchmark_tokens
+from minillm.bench.roofline import fraction, measure_ceilings, training_flops
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, parameter_shapes
 from minillm.optim import AdamW
@@ -34,13 +35,6 @@ from minillm.readback import NonfiniteWatch
 from minillm.training import TrainConfig, train_step
 
 TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
-
-
-def flops_per_step(config, batch_size):
-    """nanoGPT's count: (6 N + 12 L H Q T) per token, times the tokens of a step."""
-    n = sum(numpy.prod(shape) for name, shape in parameter_shapes(config).items() if name != "wpe.weight")
-    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
-    return (6 * n + 12 * L * H * Q * T) * batch_size * T
 
 
 def analytic_memory_bytes(config, batch_size):
@@ -86,22 +80,6 @@ def installed_version(package):
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def matmul_gflops(n=2048, repeat=10):
-    """float32 n x n matrix product rate through the backend's array module: the ceiling.
-
-    The best of `repeat` runs, not their median: other load only ever slows a run
-    down, and the ceiling is what the machine can do.
-    """
-    a = numpy.random.default_rng(0).random((n, n), dtype=numpy.float32)
-    a @ a
-    seconds = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ a
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / min(seconds) / 1e9
 
 
 def peak_memory(name, threads):
@@ -178,7 +156,8 @@ def main(argv=None):
         return memory_probe(args.memory_probe, args.threads)
     torch_version = installed_version("torch")
 
-    ceiling = matmul_gflops()
+    ceilings = measure_ceilings(threads=args.threads)
+    ceiling = ceilings.matmul_gflops
     print(f"float32 2048x2048 matrix product: {ceiling:.0f} GFLOP/s (the MFU ceiling); {args.threads} threads")
     rows = []
     for name in args.configs:
@@ -198,13 +177,14 @@ def main(argv=None):
             # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
             speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
         ours = statistics.median(times["minillm"])
-        gflops = flops_per_step(config, batch_size) / ours / 1e9
+        flops = training_flops(config, batch_size)
         baseline, peak = peak_memory(name, args.threads)
         estimate = analytic_memory_bytes(config, batch_size)
         rows.append([
             name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
             f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
-            f"{gflops:.0f}", f"{100 * gflops / ceiling:.0f}%",
+            f"{flops.products / 1e9:.1f} + {flops.rest / 1e9:.2f}", f"{flops.total / ours / 1e9:.0f}",
+            f"{100 * fraction(flops.products / ours / 1e9, ceiling):.0f}%",
             f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
             if None not in (baseline, peak) else "not available on this system",
         ])
@@ -217,12 +197,17 @@ def main(argv=None):
         [[n, f"{f:.1f}", f"{b:.1f}", f"{100 * (f + b) / 1000 / total:.0f}%"] for n, f, b in breakdown],
     )
     report = (
-        f"Matrix-product ceiling: {ceiling:.0f} GFLOP/s (float32 2048x2048, {args.threads} threads, the best of 10). "
+        f"Ceilings, measured before the rows ({args.threads} BLAS threads, the best of 5): matrix product "
+        f"{ceiling:.0f} GFLOP/s (float32 2048x2048), matrix-vector product {ceilings.matvec_gbps:.1f} GB/s, "
+        f"elementwise pass {ceilings.elementwise_gbps:.1f} GB/s (512 MiB each; bench/roofline.py). "
         f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own.\n\n"
         f"{table}\n\n"
         f"ms: median of {', '.join(f'{CONFIGS[n][2]} ({n})' for n in args.configs)} full steps (forward, backward, "
         "clipping, AdamW), minillm and PyTorch timed in turns; speed: the median over those rounds of PyTorch's "
-        "time / minillm's (above 1: minillm is faster). Memory: peak resident memory of a "
+        "time / minillm's (above 1: minillm is faster). GFLOP: one step's matrix products (forward and backward; "
+        "attention's over the (query, key) pairs of its causal blocks) + the rest (elementwise work, reductions, "
+        "clipping and AdamW), counted from the shapes by bench/roofline.py; GFLOP/s: both over the median step "
+        "time; MFU: the products' rate over the matrix-product ceiling. Memory: peak resident memory of a "
         "fresh training process less its size before building the model, against the analytic estimate "
         "(parameters, gradients, AdamW moments, activations).\n\n"
         f"Where one `{first}` step's time goes, the whole batch as one shard (element-wise work on one core, "
@@ -234,8 +219,8 @@ def main(argv=None):
         write_section(TITLE, report)
 
 
-HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP/s", "MFU",
-           "memory: measured / analytic"]
+HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP: products + rest",
+           "GFLOP/s", "MFU", "memory: measured / analytic"]
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,227 @@
+"""The machine's limits, and where a benchmark row stands against them.
+
+No step can beat its work done at the machine's best rate:
+
+    training step:    seconds >= matrix-product FLOPs / the float32 matrix-product rate
+    decoding a token: seconds >= bytes read / the streaming rate of a matrix-vector product
+
+`training_flops` and `decoding_bytes_per_token` count the work from the shapes alone;
+`measure_ceilings` measures the rates, in the same run as the rows it judges (another
+process, load or clock gives other ceilings); `fraction` is a measured rate over its
+ceiling: MFU is fraction(product FLOPs / step seconds, the product rate).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy
+from threadpoolctl import threadpool_limits
+
+from minillm.bench.common import seconds_of
+from minillm.fast import attention
+from minillm.model import parameter_shapes
+
+PRODUCTS = ("qkv", "attention scores", "attention weights @ v", "attention proj", "mlp fc", "mlp proj", "lm head")
+
+# The rest: FLOPs per element of the array a part works on, (forward, backward), counted in the fast
+# layers' code: one for each add, subtract, multiply, divide, max, exp or tanh; two for an element of a
+# row sum taken as a matrix-vector product (fast/rows.py). Work per row (1 / sqrt(var + eps), the log of
+# a row's sum) is left out: C or V times smaller.
+ELEMENTWISE = {
+    # forward: mean (2), x - mu, square, variance (2), * rstd, * w; backward: dw (2), dout * w,
+    # two row means (4), dxhat * xhat, two subtractions, xhat * projection, * rstd. With a bias
+    # one more each: + b, and db.
+    "layernorm": (8, 12),
+    # forward: x * x, * A K, + K, * x, tanh, + 1, * x, * 0.5; backward: 12 steps of fast/gelu.py.
+    "gelu": (8, 12),
+    # forward: * scale, + mask, row max, - max, exp, row sum (2), / sum; backward: dP * P, row sum (2),
+    # dP - sum, P * (...), * scale.
+    "softmax": (8, 6),
+    # forward: row max, - max, exp, sum, / sum; backward: * weight (the copy and the -1 at each target:
+    # no arithmetic per element).
+    "cross-entropy": (5, 1),
+    # forward: + b; backward: db, a sum over rows.
+    "biases": (1, 1),
+    # x + a and x + m in each block; backward dx + dh for both.
+    "residual adds": (2, 2),
+    # forward: wte[idx] + wpe; backward: dwte by scatter-add, dwpe a sum over the batch.
+    "embedding": (1, 2),
+}
+# Per parameter element: clipping g * g, its sum and g * scale (3); AdamW's 13 in-place steps of
+# fast/adamw.py, and one more (p * decay) for the parameters that decay (optim.decays: ndim >= 2).
+CLIPPING_AND_ADAMW, DECAY = 16, 1
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one training step; each part name -> (forward, backward).
+
+    per_block: one transformer block's parts (each block is the same);
+    once: the parts outside the blocks (LM head, final LayerNorm, cross-entropy, embedding);
+    optimizer: gradient clipping and AdamW over every parameter.
+    """
+
+    n_layer: int
+    per_block: dict
+    once: dict
+    optimizer: int
+
+    def parts(self):
+        """part -> (forward, backward) over the whole step: a block's parts n_layer times, plus the rest."""
+        totals = {name: (self.n_layer * f, self.n_layer * b) for name, (f, b) in self.per_block.items()}
+        for name, (f, b) in self.once.items():
+            before_f, before_b = totals.get(name, (0, 0))
+            totals[name] = (before_f + f, before_b + b)
+        return totals
+
+    @property
+    def products(self):
+        """Matrix-product FLOPs, forward and backward: what MFU counts."""
+        return sum(f + b for name, (f, b) in self.parts().items() if name in PRODUCTS)
+
+    @property
+    def rest(self):
+        """Elementwise and reduction FLOPs (ELEMENTWISE) and the optimizer's."""
+        return sum(f + b for name, (f, b) in self.parts().items() if name not in PRODUCTS) + self.optimizer
+
+    @property
+    def forward(self):
+        """The forward pass alone, as evaluation runs it."""
+        return sum(f for f, _ in self.parts().values())
+
+    @property
+    def total(self):
+        return self.products + self.rest
+
+
+def attention_pairs(T, query_block):
+    """(query, key) pairs whose score the attention computes for T positions, per batch row and head.
+
+    Blocks of query_block queries: block [a, b) meets keys 0..b-1 only (fast/attention.py), so
+    pairs = sum over blocks of (b - a) b. One block (query_block >= T, as the reference computes)
+    gives T^2: the masked-out upper triangle is computed too.
+    """
+    return sum((b - a) * b for a, b in attention.query_blocks(T, query_block))
+
+
+def training_flops(config, batch_size, query_block=attention.QUERY_BLOCK):
+    """StepFlops of one training step (forward, backward, clipping, AdamW) on (batch_size, block_size) tokens.
+
+    A multiply-add is 2 FLOPs. R = B T rows, C = n_embd, H heads of hs = C / H, V = vocab_size,
+    K = attention_pairs(T, query_block): the fast layers' causal blocks by default; query_block =
+    block_size counts the reference layers' full T x T. Matrix products, forward:
+
+        qkv                    2 R C 3C        per block
+        attention scores       2 B H K hs      S = q k^T
+        attention weights @ v  2 B H K hs      Y = P v
+        attention proj         2 R C C
+        mlp fc                 2 R C 4C
+        mlp proj               2 R 4C C
+        lm head                2 R C V         once
+
+    Each backward is 2x its forward: dx = dy W^T and dW = x^T dy are each the forward's size, and
+    attention's dP = dY v^T, dv = P^T dY, dq = dS k, dk = dS^T q are two of each of its products.
+    The rest: ELEMENTWISE's counts per element of R C (LayerNorm, residual adds, embedding), R 4C
+    (GELU), B H K (softmax), R V (cross-entropy), and of the linear outputs R 9C per block (biases,
+    when the config has them); the tied wte's two gradients are added (V C); the optimizer
+    CLIPPING_AND_ADAMW (+ DECAY) per parameter. Every parameter trains, dropout is off (the
+    benchmarks' setting), and a step is one shard: the sums of sharded gradients are left out.
+    """
+    B, T, C, V, H = batch_size, config.block_size, config.n_embd, config.vocab_size, config.n_head
+    R, K, bias = B * T, attention_pairs(T, query_block), int(config.bias)
+    with_backward = lambda forward: (forward, 2 * forward)
+    per_element = lambda part, n: (ELEMENTWISE[part][0] * n, ELEMENTWISE[part][1] * n)
+    layernorm = lambda n: ((ELEMENTWISE["layernorm"][0] + bias) * n, (ELEMENTWISE["layernorm"][1] + bias) * n)
+    per_block = {
+        "qkv": with_backward(2 * R * C * 3 * C),
+        "attention scores": with_backward(2 * B * K * C),  # H heads of hs = C / H
+        "attention weights @ v": with_backward(2 * B * K * C),
+        "attention proj": with_backward(2 * R * C * C),
+        "mlp fc": with_backward(2 * R * C * 4 * C),
+        "mlp proj": with_backward(2 * R * 4 * C * C),
+        "layernorm": layernorm(2 * R * C),
+        "gelu": per_element("gelu", R * 4 * C),
+        "softmax": per_element("softmax", B * H * K),
+        "residual adds": per_element("residual adds", R * C),
+    }
+    once = {
+        "lm head": with_backward(2 * R * C * V),
+        "layernorm": layernorm(R * C),
+        "cross-entropy": per_element("cross-entropy", R * V),
+        "embedding": (ELEMENTWISE["embedding"][0] * R * C, ELEMENTWISE["embedding"][1] * R * C + V * C),
+    }
+    if config.bias:
+        per_block["biases"] = per_element("biases", R * (3 * C + C + 4 * C + C))
+    shapes = parameter_shapes(config)
+    optimizer = sum(math.prod(s) * (CLIPPING_AND_ADAMW + DECAY * (len(s) >= 2)) for s in shapes.values())
+    return StepFlops(config.n_layer, per_block, once, optimizer)
+
+
+def decoding_bytes_per_token(config, dtype, batch_size=1, past=0):
+    """Bytes a decoding step (model.decode of one new position per row) reads, per token it yields.
+
+    With N parameters of `itemsize` bytes, C = n_embd, L = n_layer, and `past` positions cached:
+
+        weights    N - (block_size - 1) C    every parameter once for the whole batch: the LM head
+                                             reads all of wte; of wpe, only the new position's row
+        per row    C + 2 L (past + 1) C      its wte row (the embedding), and in each layer the keys
+                                             and values of past + 1 positions (the new one included)
+        per token  itemsize (weights + batch_size * per row) / batch_size
+
+    A batch shares the weights' pass, so batch_size rows divide it. Left out: the activations
+    (a few vectors of C or 4C per row) and each layer's 2 C written into the cache, which stay
+    in the processor's caches. A model without LoRA adapters (their merge reads more).
+    """
+    itemsize = numpy.dtype(dtype).itemsize
+    C, L = config.n_embd, config.n_layer
+    params = sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    weights = params - (config.block_size - 1) * C
+    per_row = C + 2 * L * (past + 1) * C
+    return itemsize * (weights + batch_size * per_row) / batch_size
+
+
+def fraction(measured, ceiling):
+    """measured / ceiling: how much of the machine's limit a rate reaches (0.9: 90% of the bound)."""
+    return measured / ceiling
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    """The machine's float32 rates: matrix products in GFLOP/s, streaming in GB/s (1e9 bytes)."""
+
+    matmul_gflops: float
+    matvec_gbps: float
+    elementwise_gbps: float
+
+
+def measure_ceilings(xp=numpy, threads=None, matmul_size=2048, stream_mib=512, repeat=5):
+    """The best of `repeat` runs of each, after one untimed run (other load only ever slows a run):
+
+        matmul       a @ a, a float32 n x n (n = matmul_size)        2 n^3 FLOPs
+        matvec       x @ w, x one row, w float32 of stream_mib MiB   w.nbytes read: a decoding step's
+                     stored input-by-output, as the model's weights  products at batch 1
+        elementwise  b = a * 1.5, a and b of stream_mib / 2 each     a.nbytes read + b.nbytes written
+
+    512 MiB, about GPT-2 small's float32 weights, is larger than a processor's last-level cache
+    (260 MiB on the machine BENCHMARKS.md was measured on): the streaming rates are memory's.
+    `threads` limits the BLAS threads (None: all of them); NumPy's elementwise pass runs on one.
+    `xp` cupy measures a GPU, each clock read after synchronising it.
+    """
+    sync = None if xp is numpy else xp.cuda.Device().synchronize
+    n, n_out = matmul_size, 4096
+    a = xp.full((n, n), 0.5, dtype=xp.float32)
+    w = xp.full((max(1, stream_mib * 2**20 // (4 * n_out)), n_out), 0.5, dtype=xp.float32)
+    x = xp.full((1, w.shape[0]), 0.5, dtype=xp.float32)
+    source = xp.full(stream_mib * 2**20 // 8, 0.5, dtype=xp.float32)
+    target = xp.empty_like(source)
+    with threadpool_limits(threads, user_api="blas"):
+        matmul = best_seconds(lambda: a @ a, repeat, sync)
+        matvec = best_seconds(lambda: x @ w, repeat, sync)
+    elementwise = best_seconds(lambda: xp.multiply(source, 1.5, out=target), repeat, sync)
+    return Ceilings(2 * n**3 / matmul / 1e9, w.nbytes / matvec / 1e9, 2 * source.nbytes / elementwise / 1e9)
+
+
+def best_seconds(fn, repeat, sync=None):
+    """The shortest of `repeat` timed fn() calls after an untimed one; `sync` as in common.seconds_of."""
+    fn()
+    return min(seconds_of(fn, sync) for _ in range(repeat))
