@@ -5,11 +5,11 @@ the first 90%, each part encoded on its own (for a character tokenizer that is e
 90% of the tokens). Both are flat arrays of the smallest unsigned type that holds the vocabulary
 (uint16 up to 65,536 tokens), as nanoGPT's are.
 
-How memory stays bounded whatever the corpus's size: the corpus is read twice in pieces
-(minillm/corpus.py), never whole. The first read (Corpus.scan) gives its digest, its number of
-characters (where the split falls) and its characters (a character vocabulary). A BPE vocabulary
-is then learned on evenly spaced pieces of the training split (tokenizers/choice.py says how
-much). The second read encodes piece by piece and appends each piece's ids to the token files.
+How memory stays bounded whatever the corpus's size: the corpus is read in pieces (minillm/corpus.py),
+never whole. The first read (Corpus.scan) gives its digest, its number of characters (where the
+split falls) and its characters (a character vocabulary). A BPE vocabulary is then learned on evenly
+spaced pieces of the training split, read once more (tokenizers/choice.py says how much). The last
+read encodes piece by piece and appends each piece's ids to the token files.
 A BPE tokenizer may only be cut where no token could straddle the cut (safe_pieces), so the files
 hold exactly the ids that encoding each part whole would give.
 
@@ -219,7 +219,7 @@ def make_tokenizer(recipe, corpus, scan, separator, cut):
     sampled = [0]
 
     def sample():
-        for number, piece in enumerate(safe_pieces(training_part(corpus.pieces(separator), cut), ENDOFTEXT)):
+        for number, piece in enumerate(safe_pieces(training_part(corpus.pieces(separator), cut), [ENDOFTEXT])):
             if number % every == 0:
                 sampled[0] += len(piece)
                 yield piece

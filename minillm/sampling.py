@@ -133,11 +133,12 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     window = xp.asarray(window).astype(xp.int64)
     rng = RowGenerators(seed, window.shape[0], model.device)
     kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
+    lm_head = model.contiguous_lm_head() if use_cache else None
     was_training = model.training
     model.eval()
     with blas_threads.watch_for(model.device) as cores:
         try:
-            logits = last_logits(model, window, kv_cache)
+            logits = last_logits(model, window, kv_cache, lm_head)
             for step in range(max_new_tokens):
                 next_ids = sample_next(logits, temperature, top_k, top_p, rng)
                 yield next_ids
@@ -146,17 +147,17 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
                 slides = window.shape[1] == block_size  # the new token pushes the oldest one out
                 window = xp.concatenate([window[:, 1:] if slides else window, next_ids[:, None]], axis=1)
                 cores.update()
-                logits = next_logits(model, window, next_ids, kv_cache, slides)
+                logits = next_logits(model, window, next_ids, kv_cache, slides, lm_head)
         finally:
             model.train(was_training)
 
 
-def next_logits(model, window, next_ids, kv_cache, slides):
+def next_logits(model, window, next_ids, kv_cache, slides, lm_head=None):
     """Logits (B, V) after next_ids (B,) joined the window (B, T): by the cache when there is one."""
     if kv_cache is None:
         return last_logits(model, window, None)
     if not slides:
-        return model.decode(next_ids[:, None], kv_cache)
+        return model.decode(next_ids[:, None], kv_cache, lm_head)
     # The window slid by one token, so every token now sits at a new position.
     # Position embeddings are added at the input and flow into every key and
     # value, so the whole cache is stale: rebuild it by a prefill of the new
@@ -167,13 +168,13 @@ def next_logits(model, window, next_ids, kv_cache, slides):
     # context than it can, and the samples would differ from the full forward's.
     for layer_cache in kv_cache:
         layer_cache.clear()
-    return model.decode(window, kv_cache)
+    return model.decode(window, kv_cache, lm_head)
 
 
-def last_logits(model, window, kv_cache):
+def last_logits(model, window, kv_cache, lm_head=None):
     """Logits (B, V) of the window's last position: a prefill into kv_cache, or a full forward without one."""
     if kv_cache is not None:
-        return model.decode(window, kv_cache)
+        return model.decode(window, kv_cache, lm_head)
     logits, _ = model(window)
     return logits[:, -1, :]
 

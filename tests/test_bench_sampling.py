@@ -3,6 +3,7 @@
 import pytest
 
 from minillm.bench import sampling
+from minillm.bench.roofline import StreamingRate
 from minillm.model import GPTConfig
 
 BOUNDS = ("MB/token", "of streaming bound", f"batch {sampling.BATCH}: of bound")
@@ -11,7 +12,8 @@ BOUNDS = ("MB/token", "of streaming bound", f"batch {sampling.BATCH}: of bound")
 @pytest.mark.parametrize("new_tokens", [24, 12], ids=["the window slides", "within the window"])
 def test_a_row_times_every_run_and_they_agree_on_the_tokens(new_tokens):
     config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=16)
-    row = sampling.row("tiny", config, new_tokens=new_tokens, rounds=2, transformers=None, stream_gbps=10.0)
+    rate = StreamingRate(1, stream_mib=1)
+    row = sampling.row("tiny", config, new_tokens=new_tokens, rounds=2, transformers=None, streaming_rate=rate)
     assert len(row) == len(sampling.HEADERS)
     cells = dict(zip(sampling.HEADERS, row))
     assert cells["transformers tok/s"] == cells["vs transformers"] == "-"

@@ -4,9 +4,12 @@ and its state_dict resumes it exactly.
 (Weight decay groups, clipping and the schedule: tests/test_invariants.py.)
 """
 
+import math
+
 import numpy
 import pytest
 
+from minillm.fast import adamw
 from minillm.optim import AdamW
 
 
@@ -31,6 +34,33 @@ def test_adamw_matches_its_equations_over_several_steps(reference):
             expected[k] -= lr * (m[k] / (1 - b1**t)) / (numpy.sqrt(v[k] / (1 - b2**t)) + eps)
     for k in params:
         numpy.testing.assert_allclose(params[k], expected[k], rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, adamw.CHUNK // 3 + 5), (2 * adamw.CHUNK + 1,), (adamw.CHUNK,)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_fast_update_of_a_large_parameter_a_chunk_at_a_time_equals_its_whole_update_to_the_bit(shape, dtype):
+    """Above CHUNK elements the fast update goes chunk by chunk; each element gets the same operations."""
+    rng = numpy.random.default_rng(3)
+    p, g, m, v = (rng.normal(size=shape).astype(dtype) for _ in range(4))
+    v = numpy.abs(v)
+    whole = [x.copy() for x in (p, m, v)]
+    for t in (1, 2):
+        adamw.adamw_update(p, g, m, v, 0.01, t, 0.9, 0.95, 1e-8, 0.1)
+        adamw.update_in_place(whole[0], g, whole[1], whole[2], 0.9, 0.95, 1e-8, 1 - 0.01 * 0.1,
+                              0.01 / (1 - 0.9**t), 1 / math.sqrt(1 - 0.95**t))
+    for got, expected in zip((p, m, v), whole):
+        assert got.dtype == numpy.dtype(dtype) and numpy.array_equal(got, expected)
+
+
+def test_a_parameter_that_is_not_contiguous_is_updated_in_place_all_the_same():
+    rng = numpy.random.default_rng(4)
+    base = rng.normal(size=(adamw.CHUNK + 7, 2))
+    p, contiguous = base[:, 0], base[:, 0].copy()  # p: a strided view into base
+    g, m, v = rng.normal(size=p.shape), numpy.zeros(p.shape), numpy.zeros(p.shape)
+    m2, v2 = m.copy(), v.copy()
+    adamw.adamw_update(p, g, m, v, 0.01, 1, 0.9, 0.95, 1e-8, 0.1)
+    adamw.adamw_update(contiguous, g, m2, v2, 0.01, 1, 0.9, 0.95, 1e-8, 0.1)
+    assert numpy.array_equal(base[:, 0], contiguous) and numpy.array_equal(m, m2)
 
 
 def test_state_dict_round_trip_resumes_identically():

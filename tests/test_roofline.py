@@ -110,5 +110,11 @@ def test_measure_ceilings_gives_positive_finite_rates_on_a_tiny_size():
         assert all(math.isfinite(rate) and rate > 0 for rate in rates), ceilings
 
 
+def test_product_stream_rate_is_positive_and_finite_for_one_row_and_several():
+    for rows in (1, 8):
+        rate = roofline.product_stream_gbps(rows, stream_mib=1, repeat=2)
+        assert math.isfinite(rate) and rate > 0
+
+
 def test_fraction_is_measured_over_ceiling():
     assert roofline.fraction(45.0, 50.0) == 0.9

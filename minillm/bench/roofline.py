@@ -8,7 +8,10 @@ No step can beat its work done at the machine's best rate:
 `training_flops` and `decoding_bytes_per_token` count the work from the shapes alone;
 `measure_ceilings` measures the rates, in the same run as the rows it judges (another
 process, load or clock gives other ceilings); `fraction` is a measured rate over its
-ceiling: MFU is fraction(product FLOPs / step seconds, the product rate).
+ceiling: MFU is fraction(product FLOPs / step seconds, the product rate). `product_shapes`
+lists a step's matrix products one by one, and `time_products` (`ProductsReplay`) runs them
+alone at those shapes, split over threads as the step splits its batch: a bound closer than
+the ceiling's, as small products run below the rate of a large one.
 """
 
 import math
@@ -17,11 +20,14 @@ from dataclasses import dataclass
 import numpy
 from threadpoolctl import threadpool_limits
 
-from minillm.bench.common import seconds_of
+from minillm import parallel
+from minillm.bench.common import median_seconds, seconds_of
 from minillm.fast import attention
 from minillm.model import parameter_shapes
 
 PRODUCTS = ("qkv", "attention scores", "attention weights @ v", "attention proj", "mlp fc", "mlp proj", "lm head")
+# Products the attention runs stacked over (batch rows, heads): one NumPy matmul call per causal block.
+STACKED_PRODUCTS = ("attention scores", "attention weights @ v")
 
 # The rest: FLOPs per element of the array a part works on, (forward, backward), counted in the fast
 # layers' code: one for each add, subtract, multiply, divide, max, exp or tanh; two for an element of a
@@ -157,6 +163,106 @@ def training_flops(config, batch_size, query_block=attention.QUERY_BLOCK):
     return StepFlops(config.n_layer, per_block, once, optimizer)
 
 
+def product_shapes(config, batch_size, query_block=attention.QUERY_BLOCK):
+    """[(part, (m, k, n), count)]: every matrix product of one training step, an (m, k) @ (k, n) run count times.
+
+    As the fast layers compute them, forward and backward, with R = B T rows, C = n_embd, H heads
+    of hs = C / H, V = vocab_size. A linear layer n_in -> n_out (fast/linear.py):
+
+        forward   x @ W             (R, n_in, n_out)
+        dx        dout @ W^T        (R, n_out, n_in)
+        dW        x^T @ dout        (n_in, R, n_out)
+
+    for qkv (C -> 3C), attention proj (C -> C), mlp fc (C -> 4C) and mlp proj (4C -> C), n_layer
+    times each, and the LM head (C -> V, once: x @ wte^T, the tied wte; model.py). The attention
+    (fast/attention.py), for each causal block [a, b) of q = b - a queries against the keys 0..b-1,
+    B H times (a matmul stacked over the batch rows and heads) in each of n_layer blocks:
+
+        attention scores         S = q_ab @ k_b^T     (q, hs, b)
+                                 dq = dS @ k_b        (q, b, hs)
+                                 dk_b = dS^T @ q_ab   (b, q, hs)
+        attention weights @ v    Y = P @ v_b          (q, b, hs)
+                                 dP = dY @ v_b^T      (q, hs, b)
+                                 dv_b = P^T @ dY      (b, q, hs)
+
+    Their FLOPs, the sum of 2 m k n count, are training_flops(config, batch_size, query_block).products.
+    """
+    B, T, C, V, H, L = (batch_size, config.block_size, config.n_embd, config.vocab_size, config.n_head,
+                        config.n_layer)
+    R, hs = B * T, C // H
+    linear = lambda part, n_in, n_out, count: [
+        (part, (R, n_in, n_out), count), (part, (R, n_out, n_in), count), (part, (n_in, R, n_out), count)
+    ]
+    shapes = linear("qkv", C, 3 * C, L)
+    for a, b in attention.query_blocks(T, query_block):
+        q = b - a
+        shapes += [("attention scores", (q, hs, b), L * B * H), ("attention scores", (q, b, hs), L * B * H),
+                   ("attention scores", (b, q, hs), L * B * H)]
+        shapes += [("attention weights @ v", (q, b, hs), L * B * H), ("attention weights @ v", (q, hs, b), L * B * H),
+                   ("attention weights @ v", (b, q, hs), L * B * H)]
+    shapes += linear("attention proj", C, C, L) + linear("mlp fc", C, 4 * C, L) + linear("mlp proj", 4 * C, C, L)
+    return shapes + linear("lm head", C, V, 1)
+
+
+class ProductsReplay:
+    """One training step's matrix products (product_shapes) alone, on random float32 operands; call it to run them.
+
+    The batch is split by rows as parallel.ShardedGPT splits it (numpy.array_split into
+    min(threads, batch_size) shards), and each shard's products, at the shapes of its own rows,
+    run on a thread of parallel.Workers: one BLAS thread each, the shards at once; one shard
+    (threads 1, or a batch of one row) runs here with all BLAS threads. The stacked products are
+    one matmul over (shard rows, heads) per block, as the attention calls them.
+
+    Contiguous operands, a fresh set per product, the same set for each of its count runs, the
+    results written into buffers of their own: no allocation, no copy, and operands warm in the
+    cache where the step's differ per layer, so the replay is a bound from below on the step's products.
+    """
+
+    def __init__(self, config, batch_size, threads, query_block=attention.QUERY_BLOCK, seed=0):
+        rng = numpy.random.default_rng(seed)
+        rows = numpy.array_split(numpy.arange(batch_size), min(threads, batch_size))
+        self.shards = [self._operands(config, len(r), query_block, rng) for r in rows]
+        self.workers = parallel.Workers(threads)
+
+    @staticmethod
+    def _operands(config, batch_size, query_block, rng):
+        """[(a, b, out, runs)] for one shard of batch_size rows."""
+        stack = batch_size * config.n_head
+        operands = []
+        for part, (m, k, n), count in product_shapes(config, batch_size, query_block):
+            lead = (batch_size, config.n_head) if part in STACKED_PRODUCTS else ()
+            runs = count // stack if part in STACKED_PRODUCTS else count
+            a = rng.standard_normal((*lead, m, k), dtype=numpy.float32)
+            b = rng.standard_normal((*lead, k, n), dtype=numpy.float32)
+            operands.append((a, b, numpy.empty((*lead, m, n), dtype=numpy.float32), runs))
+        return operands
+
+    @staticmethod
+    def _run(operands):
+        for a, b, out, runs in operands:
+            for _ in range(runs):
+                numpy.matmul(a, b, out=out)
+
+    def __call__(self):
+        self.workers.map(self._run, self.shards)
+
+    def close(self):
+        self.workers.close()
+
+
+def time_products(config, batch_size, threads, repeat=5, query_block=attention.QUERY_BLOCK):
+    """Seconds of one training step's matrix products alone (ProductsReplay): the median of `repeat` runs after one.
+
+    The median, not the best, as the step it is set against (bench/training.py) is the median of
+    its steps: the step's seconds less these are then its other work, not the product's luck.
+    """
+    replay = ProductsReplay(config, batch_size, threads, query_block)
+    try:
+        return median_seconds(replay, repeat)
+    finally:
+        replay.close()
+
+
 def decoding_bytes_per_token(config, dtype, batch_size=1, past=0):
     """Bytes a decoding step (model.decode of one new position per row) reads, per token it yields.
 
@@ -219,6 +325,30 @@ def measure_ceilings(xp=numpy, threads=None, matmul_size=2048, stream_mib=512, r
         matvec = best_seconds(lambda: x @ w, repeat, sync)
     elementwise = best_seconds(lambda: xp.multiply(source, 1.5, out=target), repeat, sync)
     return Ceilings(2 * n**3 / matmul / 1e9, w.nbytes / matvec / 1e9, 2 * source.nbytes / elementwise / 1e9)
+
+
+class StreamingRate:
+    """GB/s at which a product x @ w with `rows` rows of x streams w (float32, stream_mib MiB, stored as the
+    model's weights), each call measured anew (the best of `repeat`): the bound of a decoding step at batch
+    `rows`, where each weight is read once for all the rows. BLAS runs one row as a matrix-vector product and
+    several as a matrix product, whose packing of w makes it stream w more slowly (BENCHMARKS.md,
+    "Sampling"). Allocated once, so that a benchmark can measure it again beside each of its runs."""
+
+    def __init__(self, rows=1, xp=numpy, threads=None, stream_mib=512):
+        self.sync = None if xp is numpy else xp.cuda.Device().synchronize
+        n_out = 4096
+        self.w = xp.full((max(1, stream_mib * 2**20 // (4 * n_out)), n_out), 0.5, dtype=xp.float32)
+        self.x = xp.full((rows, self.w.shape[0]), 0.5, dtype=xp.float32)
+        self.threads = threads
+
+    def __call__(self, repeat=3):
+        with threadpool_limits(self.threads, user_api="blas"):
+            return self.w.nbytes / best_seconds(lambda: self.x @ self.w, repeat, self.sync) / 1e9
+
+
+def product_stream_gbps(rows, xp=numpy, threads=None, stream_mib=512, repeat=5):
+    """StreamingRate(rows, ...) measured once."""
+    return StreamingRate(rows, xp, threads, stream_mib)(repeat)
 
 
 def best_seconds(fn, repeat, sync=None):

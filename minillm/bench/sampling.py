@@ -27,7 +27,13 @@ import numpy
 
 from minillm import blas_threads, data, hf
 from minillm.bench.common import format_table, write_section
-from minillm.bench.roofline import decoding_bytes_per_token, fraction, measure_ceilings
+from minillm.bench.roofline import (
+    StreamingRate,
+    decoding_bytes_per_token,
+    fraction,
+    measure_ceilings,
+    product_stream_gbps as streaming_gbps,
+)
 from minillm.bench.training import installed_version
 from minillm.model import GPT, GPTConfig
 from minillm.sampling import generate
@@ -84,11 +90,12 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def measure(model, new_tokens, rounds, reference=None):
-    """{column: seconds of each round}, and the columns whose tokens differed from the first cached run's
-    (in any row of the batched run).
+def measure(model, new_tokens, rounds, reference=None, streaming_rate=None):
+    """({column: seconds of each round}, the columns whose tokens differed from the first cached run's (in any
+    row of the batched run), [the streaming rate in GB/s measured just before each round's cached run]).
 
-    reference: a TransformersProcess on the same weights, or None.
+    reference: a TransformersProcess on the same weights, or None. streaming_rate: a roofline.StreamingRate,
+    or None: the machine's bound, measured beside each run since a shared machine's memory rate drifts.
     """
     def ours(use_cache, batch_size=1):
         """A run of minillm's sampling: (seconds, the tokens of each row)."""
@@ -105,6 +112,7 @@ def measure(model, new_tokens, rounds, reference=None):
         generate(model, numpy.zeros((batch_size, 1), dtype=numpy.int64), 4, temperature=0, use_cache=use_cache)
     seconds = {"cached": [], "uncached": [], "batched": [], "transformers": [], "busy": [], "busy, unwatched": []}
     tokens = {}  # column: the tokens of each row of each quiet run
+    rates = []
     for _ in range(rounds):
         # The busy runs first: each run compared with transformers' then follows a quiet one, as transformers' does.
         with busy_core():
@@ -113,12 +121,14 @@ def measure(model, new_tokens, rounds, reference=None):
                 seconds["busy, unwatched"].append(ours(True)()[0])
         for column, run in (("uncached", ours(False)), ("batched", ours(True, BATCH)), ("cached", ours(True)),
                             ("transformers", theirs if reference else None)):
+            if column == "cached" and streaming_rate is not None:
+                rates.append(streaming_rate())
             if run:
                 time_taken, rows = run()
                 seconds[column].append(time_taken)
                 tokens.setdefault(column, []).extend(rows)
     first = tokens["cached"][0]
-    return seconds, sorted(column for column, runs in tokens.items() if any(chosen != first for chosen in runs))
+    return seconds, sorted(column for column, runs in tokens.items() if any(chosen != first for chosen in runs)), rates
 
 
 def bytes_per_token(config, new_tokens, batch_size):
@@ -133,8 +143,9 @@ def bytes_per_token(config, new_tokens, batch_size):
     return statistics.mean(decoding_bytes_per_token(config, "float32", batch_size, past) for past in range(new_tokens))
 
 
-def row(name, config, new_tokens, rounds, transformers, stream_gbps):
-    """One row of the table for this model; stream_gbps: the streaming ceiling (roofline.Ceilings.matvec_gbps)."""
+def row(name, config, new_tokens, rounds, transformers, streaming_rate):
+    """One row of the table for this model; streaming_rate: a roofline.StreamingRate of one row, measured
+    beside each round's cached run (the bound that run is held against)."""
     model = GPT(config, seed=0, dtype="float32")
     with tempfile.TemporaryDirectory() as directory:
         reference = None
@@ -145,7 +156,7 @@ def row(name, config, new_tokens, rounds, transformers, stream_gbps):
             hf.save_pretrained(model, directory)
             reference = TransformersProcess(directory, new_tokens)
         try:
-            seconds, differed = measure(model, new_tokens, rounds, reference)
+            seconds, differed, rates = measure(model, new_tokens, rounds, reference, streaming_rate)
         finally:
             if reference:
                 reference.close()
@@ -153,15 +164,20 @@ def row(name, config, new_tokens, rounds, transformers, stream_gbps):
     speed["batched"] *= BATCH
     batched_gain = statistics.median(BATCH * c / b for b, c in zip(seconds["batched"], seconds["cached"]))
     one, batched = bytes_per_token(config, new_tokens, 1), bytes_per_token(config, new_tokens, BATCH)
-    of_bound = lambda tokens_per_second, nbytes: f"{100 * fraction(tokens_per_second * nbytes / 1e9, stream_gbps):.0f}%"
+    def of_bound(column, rows, nbytes):
+        """The median over the rounds of the run's rate of reading over that round's streaming rate."""
+        fractions = [fraction(rows * new_tokens / run * nbytes / 1e9, rate)
+                     for run, rate in zip(seconds[column], rates)]
+        return f"{100 * statistics.median(fractions):.0f}%"
+
     # Ratios per round, then their median: a slow spell of the machine falls on both sides of a round.
     versus = statistics.median(h / c for h, c in zip(seconds["transformers"], seconds["cached"])) if reference else None
     slowdown = statistics.median(b / c for b, c in zip(seconds["busy"], seconds["cached"]))
     return [
         name, f"{config.n_layer}/{config.n_head}/{config.n_embd}", config.vocab_size, config.block_size,
         new_tokens, rounds, f"{speed['cached']:.0f}", f"{one / 1e6:.3g}" if one else "-",
-        of_bound(speed["cached"], one) if one else "-", f"{speed['batched']:.0f} ({batched_gain:.1f}x)",
-        of_bound(speed["batched"], batched) if batched else "-", f"{speed['uncached']:.1f}",
+        of_bound("cached", 1, one) if one else "-", f"{speed['batched']:.0f} ({batched_gain:.1f}x)",
+        of_bound("batched", BATCH, batched) if batched else "-", f"{speed['uncached']:.1f}",
         f"{speed['transformers']:.0f}" if reference else "-", f"{versus:.2f}x" if reference else "-",
         f"{speed['busy']:.0f}", f"{slowdown:.2f}x", f"{speed['busy, unwatched']:.0f}",
         f"no: {', '.join(differed)}" if differed else "yes",
@@ -176,9 +192,11 @@ def main(argv=None):
 
     # Measured before the rows, in the same process: the bound each cached run is held against.
     ceilings, one_core = measure_ceilings(), measure_ceilings(threads=1)
+    batched_gbps = streaming_gbps(BATCH)
+    streaming_rate = StreamingRate(1)
     rows = []
     for name, config, new_tokens, rounds in cases():
-        rows.append(row(name, config, new_tokens, rounds, transformers, ceilings.matvec_gbps))
+        rows.append(row(name, config, new_tokens, rounds, transformers, streaming_rate))
         print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
     table = format_table(HEADERS, rows)
     gpt2 = cases()[-1][1]
@@ -201,11 +219,17 @@ The bound: "MB/token" is what the cached run reads per token it yields, averaged
 (bench/roofline.py: every weight once per step, shared by the batch's rows, less all but one row
 of the position table; per row its embedding row and the keys and values of the positions so far);
 "of streaming bound" is tokens/s x MB/token over the streaming rate of a float32 matrix-vector
-product over 512 MiB, measured before the rows ({ceilings.matvec_gbps:.1f} GB/s, all threads; the
-matrix product {ceilings.matmul_gflops:.0f} GFLOP/s, an elementwise pass {ceilings.elementwise_gbps:.1f} GB/s).
+product over 512 MiB (all threads, the best of 3), measured again just before each round's cached run, as
+this machine's memory rate drifts with what else runs on its host: the median over the rounds of each
+round's fraction. Measured once before the rows: {ceilings.matvec_gbps:.1f} GB/s; the matrix product
+{ceilings.matmul_gflops:.0f} GFLOP/s, an elementwise pass {ceilings.elementwise_gbps:.1f} GB/s.
 "-" where the window slides: each step is then a prefill of the whole window, bound by its matrix
 products. "batch {BATCH}": the cached run with {BATCH} rows at once, its tokens/s counting every row's
-and, in brackets, the median over the rounds of its tokens/s over the batch-1 run's.
+and, in brackets, the median over the rounds of its tokens/s over the batch-1 run's. The BLAS streams
+the weights more slowly for {BATCH} rows than for one: a product with {BATCH} rows over the same 512 MiB read
+them at {batched_gbps:.1f} GB/s (a matrix product, which packs the weights, against the matrix-vector
+product's {ceilings.matvec_gbps:.1f}), so where the weights dominate a step, {BATCH} rows can give at most
+{BATCH * batched_gbps / ceilings.matvec_gbps:.1f}x the tokens/s of one.
 
 - **baby** (block 64): after 64 tokens the window slides every step. Position embeddings are learned
   and added at the input, so every cached key and value goes stale and the cache is rebuilt by a

@@ -6,10 +6,13 @@ For each configuration: the median time of a full training step (forward,
 backward, gradient clipping, AdamW) over all CPU threads, tokens per second, the
 step's FLOPs split into matrix products and the rest (bench/roofline.py counts
 them from the shapes), MFU (the products' FLOPs per second over the matrix-product
-rate measured in the same run), and the peak memory of a training process against
-an analytic estimate. PyTorch, when importable, runs the same model with the same
-shapes and thread count, its steps interleaved with minillm's so that load from
-elsewhere falls on both alike.
+rate measured in the same run), the step's matrix products replayed alone at their
+shapes (bench/roofline.py's ProductsReplay: the least the step can take at these
+shapes) and the rest of the step, an evaluation batch against a step, and the peak
+memory of a training process against an analytic estimate. PyTorch, when importable,
+runs the same model with the same shapes and thread count; its steps, the products
+alone and the evaluation batches are interleaved with minillm's steps so that load
+from elsewhere falls on all alike.
 Then a per-layer breakdown of one step of the first configuration.
 """
 
@@ -27,14 +30,18 @@ import numpy
 from minillm import parallel, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS, benchmark_tokens
-from minillm.bench.roofline import fraction, measure_ceilings, training_flops
+from minillm.bench.roofline import ProductsReplay, fraction, measure_ceilings, training_flops
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, parameter_shapes
 from minillm.optim import AdamW
 from minillm.readback import NonfiniteWatch
-from minillm.training import TrainConfig, train_step
+from minillm.training import TrainConfig, estimate_loss, train_step
 
 TITLE = "Training: step time, MFU and memory, minillm and PyTorch"
+# The speed over PyTorch's step each configuration aims at, and the most an evaluation batch may cost
+# against a training step: what the report sets the measured bounds against.
+SPEED_TARGETS = {"baby": 1.3, "small": 1.3, "gpt2": 1.2}
+EVAL_TARGET = 0.4
 
 
 def analytic_memory_bytes(config, batch_size):
@@ -59,6 +66,13 @@ def analytic_memory_bytes(config, batch_size):
 
 def training_step(config, batch_size, threads, reference=False):
     """A function that runs one minillm training step, train.py's train_step on a fixed batch."""
+    return step_and_evaluation(config, batch_size, threads, reference)[0]
+
+
+def step_and_evaluation(config, batch_size, threads, reference=False):
+    """(step, evaluate): training_step's function, and one that runs an evaluation batch of the step's
+    shape on the same model as train.py's estimate_loss runs it: on the ShardedGPT that training's
+    loop() passes it with more than one thread, so the shards' forward passes run at once there too."""
     system.keep_freed_memory()
     model = GPT(config, seed=0, reference=reference)
     optimizer = AdamW(model.params, lr=1e-4, reference=reference)
@@ -71,7 +85,7 @@ def training_step(config, batch_size, threads, reference=False):
     def step():
         train_step(stepper, optimizer, lambda rng: (idx, idx), next(steps), cfg, watch)
 
-    return step
+    return step, lambda: estimate_loss(stepper, [(idx, idx)])
 
 
 def installed_version(package):
@@ -159,17 +173,19 @@ def main(argv=None):
     ceilings = measure_ceilings(threads=args.threads)
     ceiling = ceilings.matmul_gflops
     print(f"float32 2048x2048 matrix product: {ceiling:.0f} GFLOP/s (the MFU ceiling); {args.threads} threads")
-    rows = []
+    rows, bounds = [], []
     for name in args.configs:
         config, batch_size, steps = CONFIGS[name]
-        step = training_step(config, batch_size, args.threads)
-        functions = {"minillm": step}
+        step, evaluate = step_and_evaluation(config, batch_size, args.threads)
+        products_alone = ProductsReplay(config, batch_size, args.threads)
+        functions = {"minillm": step, "products alone": products_alone, "eval": evaluate}
         if torch_version:
             from minillm.bench.torch_reference import TorchProcess
 
             torch_process = TorchProcess(name, args.threads)
             functions["pytorch"] = torch_process.step
         times = interleaved_times(functions, steps)
+        products_alone.close()
         torch_ms = speed = "-"
         if torch_version:
             torch_process.close()
@@ -177,6 +193,8 @@ def main(argv=None):
             # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
             speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
         ours = statistics.median(times["minillm"])
+        products = statistics.median(times["products alone"])
+        eval_per_step = statistics.median(e / m for e, m in zip(times["eval"], times["minillm"]))
         flops = training_flops(config, batch_size)
         baseline, peak = peak_memory(name, args.threads)
         estimate = analytic_memory_bytes(config, batch_size)
@@ -185,11 +203,16 @@ def main(argv=None):
             f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
             f"{flops.products / 1e9:.1f} + {flops.rest / 1e9:.2f}", f"{flops.total / ours / 1e9:.0f}",
             f"{100 * fraction(flops.products / ours / 1e9, ceiling):.0f}%",
+            f"{1000 * products:.0f}", f"{100 * fraction(flops.products / products / 1e9, ceiling):.0f}%",
+            f"{1000 * (ours - products):.0f}", f"{eval_per_step:.2f}",
             f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
             if None not in (baseline, peak) else "not available on this system",
         ])
         print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
+        if torch_version and name in SPEED_TARGETS:
+            bounds.append(speed_bound(name, statistics.median(times["pytorch"]), ours, products))
     table = format_table(HEADERS, rows)
+    bounds_text = "The products alone against PyTorch's step:\n\n" + "\n".join(bounds) + "\n\n" if bounds else ""
     first = args.configs[0]
     breakdown, total = layer_breakdown(CONFIGS[first][0], CONFIGS[first][1])
     layers = format_table(
@@ -207,9 +230,17 @@ def main(argv=None):
         "time / minillm's (above 1: minillm is faster). GFLOP: one step's matrix products (forward and backward; "
         "attention's over the (query, key) pairs of its causal blocks) + the rest (elementwise work, reductions, "
         "clipping and AdamW), counted from the shapes by bench/roofline.py; GFLOP/s: both over the median step "
-        "time; MFU: the products' rate over the matrix-product ceiling. Memory: peak resident memory of a "
+        "time; MFU: the products' rate over the matrix-product ceiling. Products alone: the step's matrix "
+        "products, each at its own shape on random operands, split over the threads as the step splits its batch "
+        "(bench/roofline.py, ProductsReplay), timed between the steps (median): the least a step of these shapes "
+        "can take; of ceiling: their rate over the matrix-product ceiling (small products run below a large "
+        "one's rate); the rest: the step's median less theirs (elementwise work, copies, the optimizer, "
+        "waiting). eval / step: the median over the rounds of one evaluation batch of the step's shape, as "
+        "train.py's estimate_loss runs it (forward only, nothing kept), over that round's step; at most "
+        f"{EVAL_TARGET} is the aim. Memory: peak resident memory of a "
         "fresh training process less its size before building the model, against the analytic estimate "
         "(parameters, gradients, AdamW moments, activations).\n\n"
+        f"{bounds_text}"
         f"Where one `{first}` step's time goes, the whole batch as one shard (element-wise work on one core, "
         f"matrix products on all; {1000 * total:.0f} ms a step with the timers; a layer's own time, without the "
         f"layers it calls):\n\n{layers}\n"
@@ -219,8 +250,25 @@ def main(argv=None):
         write_section(TITLE, report)
 
 
+def speed_bound(name, torch_seconds, step_seconds, products_seconds):
+    """A line of the report: the step that SPEED_TARGETS[name] x PyTorch needs against the products alone.
+
+    N x PyTorch needs a step of at most PyTorch's seconds / N; the products alone are the least
+    a step takes, so PyTorch's seconds / the products' is the most speed their rate allows.
+    """
+    target = SPEED_TARGETS[name]
+    needed = torch_seconds / target
+    verdict = (f"leaving {1000 * (needed - products_seconds):.0f} ms for the rest (now "
+               f"{1000 * (step_seconds - products_seconds):.0f} ms)" if needed > products_seconds
+               else "already more: no rest at all would reach the target")
+    return (f"- {name}: {target}x PyTorch's {1000 * torch_seconds:.0f} ms needs a step of at most "
+            f"{1000 * needed:.0f} ms; the products alone take {1000 * products_seconds:.0f} ms, {verdict}; "
+            f"with no rest at all the step would be {torch_seconds / products_seconds:.2f}x PyTorch")
+
+
 HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP: products + rest",
-           "GFLOP/s", "MFU", "memory: measured / analytic"]
+           "GFLOP/s", "MFU", "products alone ms", "products alone: of ceiling", "the rest ms", "eval / step",
+           "memory: measured / analytic"]
 
 if __name__ == "__main__":
     main()
