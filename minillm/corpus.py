@@ -15,6 +15,7 @@ characters (where the last 10% begins), and the set of characters (a character v
 import codecs
 import glob
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ class Corpus:
                 texts = file_pieces(document, self.piece_bytes, own)
             if number:
                 size += len(separator.encode("utf-8"))
-                texts = [separator, *texts]
+                texts = itertools.chain([separator], texts)  # a file's pieces stay a stream, never a list
             for text in texts:
                 characters += len(text)
                 seen = mark_codepoints(seen, text)

@@ -257,12 +257,16 @@ print(peaks[1] - peaks[0])
 """
 
 
-def repeated_corpus(path, megabytes):
+def repeated_corpus(folder, megabytes):
+    """A folder of two documents, a short one and one of about `megabytes` MB: the second is read after the
+    separator, as every document but the first of a --data folder is. Returns their size in bytes."""
     text = data.builtin_corpus()
-    with open(path, "w", encoding="utf-8") as f:
+    folder.mkdir()
+    (folder / "a.txt").write_text(text[:1000], encoding="utf-8")
+    with open(folder / "b.txt", "w", encoding="utf-8") as f:
         for _ in range(megabytes * 10**6 // len(text) + 1):
             f.write(text)
-    return path.stat().st_size
+    return sum(path.stat().st_size for path in folder.iterdir())
 
 
 @pytest.mark.skipif(system.resident_memory()[1] is None, reason="this system does not report peak memory")
@@ -270,7 +274,7 @@ def repeated_corpus(path, megabytes):
 def test_peak_memory_does_not_grow_with_the_text(tmp_path, kind, megabytes):
     """Preparing a text five or six times larger raises the peak resident memory by far less than the extra
     text (a bound, not a timing): a change that holds the whole text, or its ids, in memory fails here."""
-    small, large = tmp_path / "small.txt", tmp_path / "large.txt"
+    small, large = tmp_path / "small", tmp_path / "large"
     extra = repeated_corpus(large, megabytes[1]) - repeated_corpus(small, megabytes[0])
     out = tmp_path / "out"
     out.mkdir()
