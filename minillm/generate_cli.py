@@ -187,12 +187,11 @@ def sample(args):
 
 
 def check_memory(model, prompt_length, num_samples):
-    """ConfigError, before sampling, when the batch of samples cannot fit: its KV cache, the prompt's pass, and
-    the contiguous copy of the LM head that decoding reads (model.contiguous_lm_head)."""
+    """ConfigError, before sampling, when the batch of samples cannot fit: its KV cache, the prompt's pass."""
     itemsize, config = model.dtype.itemsize, model.config
     need = memory.kv_cache_bytes(config, num_samples, itemsize) + memory.forward_bytes(
         config, num_samples, min(prompt_length, config.block_size), itemsize
-    ) + config.vocab_size * config.n_embd * itemsize
+    )
     memory.check_fits(need, f"--num-samples {num_samples} (sampled as one batch)", "ask for fewer samples")
 
 

@@ -290,7 +290,7 @@ class GPT:
         return [self.layers.attention.KVCache(batch_size, cfg.n_head, cfg.block_size, hs, self.dtype, self.xp)
                 for _ in range(cfg.n_layer)]
 
-    def decode(self, idx, kv_cache, lm_head=None):
+    def decode(self, idx, kv_cache):
         """Logits (B, vocab_size) of the last of the new tokens idx (B, T), given the cached past.
 
         The kv_cache (from new_kv_cache) holds P positions: 0 for the prompt's "prefill", then 1 more
@@ -304,9 +304,6 @@ class GPT:
         the largest matrix product of a decoding step. There is no dropout and nothing is kept for
         backward(). Token ids are not checked here (that costs a device sync each step): check a prompt
         once with embedding.check_token_ids; sampled ids are in range by construction.
-
-        lm_head: wte^T from contiguous_lm_head(), made once per generation; None multiplies by the
-        transposed view of wte, the same numbers read more slowly (see contiguous_lm_head).
         """
         cfg, layers = self.config, self.layers
         w, _ = finetune.adapted_weights(cfg, self.params)
@@ -317,12 +314,5 @@ class GPT:
         for i, layer_cache in enumerate(kv_cache):
             x, _ = block_forward(layers, x, w, f"h.{i}.", cfg.n_head, 0.0, None, layer_cache)
         x, _ = layers.layernorm.forward(x[:, -1], w["ln_f.weight"], w.get("ln_f.bias"))
-        logits, _ = layers.linear.forward(x, w["wte.weight"].T if lm_head is None else lm_head)
+        logits, _ = layers.linear.forward(x, w["wte.weight"].T)
         return logits
-
-    def contiguous_lm_head(self):
-        """wte^T (n_embd, vocab_size) as a contiguous copy, for decode(): the LM head is the largest matrix a
-        decoding step streams, and BLAS streams a contiguous matrix faster than the transposed view of wte
-        (BENCHMARKS.md, "Sampling"). The copy holds the weights as they are now: make it per generation."""
-        w, _ = finetune.adapted_weights(self.config, self.params)
-        return self.xp.ascontiguousarray(w["wte.weight"].T)

@@ -133,12 +133,11 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     window = xp.asarray(window).astype(xp.int64)
     rng = RowGenerators(seed, window.shape[0], model.device)
     kv_cache = model.new_kv_cache(window.shape[0]) if use_cache else None
-    lm_head = model.contiguous_lm_head() if use_cache else None
     was_training = model.training
     model.eval()
     with blas_threads.watch_for(model.device) as cores:
         try:
-            logits = last_logits(model, window, kv_cache, lm_head)
+            logits = last_logits(model, window, kv_cache)
             for step in range(max_new_tokens):
                 next_ids = sample_next(logits, temperature, top_k, top_p, rng)
                 yield next_ids
@@ -147,17 +146,17 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
                 slides = window.shape[1] == block_size  # the new token pushes the oldest one out
                 window = xp.concatenate([window[:, 1:] if slides else window, next_ids[:, None]], axis=1)
                 cores.update()
-                logits = next_logits(model, window, next_ids, kv_cache, slides, lm_head)
+                logits = next_logits(model, window, next_ids, kv_cache, slides)
         finally:
             model.train(was_training)
 
 
-def next_logits(model, window, next_ids, kv_cache, slides, lm_head=None):
+def next_logits(model, window, next_ids, kv_cache, slides):
     """Logits (B, V) after next_ids (B,) joined the window (B, T): by the cache when there is one."""
     if kv_cache is None:
         return last_logits(model, window, None)
     if not slides:
-        return model.decode(next_ids[:, None], kv_cache, lm_head)
+        return model.decode(next_ids[:, None], kv_cache)
     # The window slid by one token, so every token now sits at a new position.
     # Position embeddings are added at the input and flow into every key and
     # value, so the whole cache is stale: rebuild it by a prefill of the new
@@ -168,13 +167,13 @@ def next_logits(model, window, next_ids, kv_cache, slides, lm_head=None):
     # context than it can, and the samples would differ from the full forward's.
     for layer_cache in kv_cache:
         layer_cache.clear()
-    return model.decode(window, kv_cache, lm_head)
+    return model.decode(window, kv_cache)
 
 
-def last_logits(model, window, kv_cache, lm_head=None):
+def last_logits(model, window, kv_cache):
     """Logits (B, V) of the window's last position: a prefill into kv_cache, or a full forward without one."""
     if kv_cache is not None:
-        return model.decode(window, kv_cache, lm_head)
+        return model.decode(window, kv_cache)
     logits, _ = model(window)
     return logits[:, -1, :]
 

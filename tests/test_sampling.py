@@ -91,24 +91,14 @@ def test_decode_logits_equal_the_full_forward_last_position(model, data):
     prompt_len = data.draw(st.integers(1, block_size))
     tokens = random_tokens(model, (B, block_size), data.draw(st.integers(0, 2**16)))
 
-    # With the LM head as a contiguous copy (as sampling decodes) or as the transposed view of wte.
-    lm_head = model.contiguous_lm_head() if data.draw(st.booleans()) else None
     kv_cache = model.new_kv_cache(B)
-    logits = model.decode(tokens[:, :prompt_len], kv_cache, lm_head)
+    logits = model.decode(tokens[:, :prompt_len], kv_cache)
     for t in range(prompt_len, block_size + 1):
         full, _ = model(tokens[:, :t])
         assert logits.shape == (B, model.config.vocab_size)
         assert max_relative_error(logits, full[:, -1]) < 1e-12
         if t < block_size:
-            logits = model.decode(tokens[:, t : t + 1], kv_cache, lm_head)
-
-
-def test_the_contiguous_lm_head_is_wte_transposed_as_it_is_now():
-    model = GPT(GPTConfig(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4), seed=0)
-    lm_head = model.contiguous_lm_head()
-    assert lm_head.flags.c_contiguous and numpy.array_equal(lm_head, model.params["wte.weight"].T)
-    model.params["wte.weight"] += 1.0  # a copy: a later change to the weights is not in it
-    assert not numpy.array_equal(lm_head, model.params["wte.weight"].T)
+            logits = model.decode(tokens[:, t : t + 1], kv_cache)
 
 
 def test_decode_past_block_size_is_refused_and_float32_stays_float32():
