@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import pytest
+from helpers import assert_a_second_run_is_refused_until_the_holder_is_killed
 
 from minillm import checkpoint, data, system
 
@@ -166,35 +166,13 @@ def test_train_resume_sample_and_inspect_a_non_ascii_corpus(other_system, corpus
     assert inspected.stdout.strip()
 
 
-def wait_for(condition, process, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, "the first run ended before taking the lock"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 # The same test on this system's own lock is tests/test_out_dir.py's.
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="kills the holder with SIGKILL")
 def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_does_not_block(other_system, corpus, tmp_path):
-    env = other_system
     train = ["train.py", *TINY, "--data", str(corpus), "--out-dir", str(tmp_path)]
-    first = subprocess.Popen([sys.executable, *train, "--max-iters", "100000", "--eval-interval", "100000"],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        lock = tmp_path / checkpoint.LOCK_FILE
-        wait_for(lambda: lock.is_file() and lock.read_text(encoding="utf-8") == str(first.pid), first)
-        second = run(env, *train, "--max-iters", "2")
-        assert second.returncode == 1
-        assert second.stderr == (
-            f"train.py: error: the out dir {tmp_path} is in use by another training run (process {first.pid}); "
-            "wait for it to finish or choose another --out-dir\n"
-        )
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    third = run(env, *train, "--max-iters", "2", "--overwrite")
-    assert third.returncode == 0, third.stderr
+    # The child writes cp1252 (PYTHONIOENCODING), as run() reads it.
+    lock = assert_a_second_run_is_refused_until_the_holder_is_killed(train, tmp_path, env=other_system,
+                                                                     encoding="cp1252")
     assert not lock.exists()
 
 

@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_a_second_run_is_refused_until_the_holder_is_killed
 
 from minillm import checkpoint
 
@@ -25,31 +24,10 @@ def run_train(*flags):
     return subprocess.run(command(*flags), cwd=ROOT, capture_output=True, text=True)
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="file locks need fcntl")
 def test_a_second_run_on_the_same_out_dir_is_refused_and_kill_9_releases_the_lock(tmp_path):
-    first = subprocess.Popen(command("--out-dir", str(tmp_path), "--max-iters", "100000", "--eval-interval", "100000"),
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        lock = tmp_path / checkpoint.LOCK_FILE
-        wait_for(lambda: lock.is_file() and lock.read_text() == str(first.pid))
-        second = run_train("--out-dir", str(tmp_path), "--max-iters", "2")
-        assert second.returncode == 1
-        assert second.stderr == (
-            f"train.py: error: the out dir {tmp_path} is in use by another training run (process {first.pid}); "
-            "wait for it to finish or choose another --out-dir\n"
-        )
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    third = run_train("--out-dir", str(tmp_path), "--max-iters", "2", "--overwrite")
-    assert third.returncode == 0, third.stderr
+    assert_a_second_run_is_refused_until_the_holder_is_killed(["train.py", *TINY, "--out-dir", str(tmp_path)], tmp_path,
+                                                              timeout=30.0)
 
 
 def test_an_out_dir_that_cannot_be_created_is_a_one_line_error(tmp_path):
