@@ -270,10 +270,12 @@ def repeated_corpus(folder, megabytes):
 
 
 @pytest.mark.skipif(system.resident_memory()[1] is None, reason="this system does not report peak memory")
-@pytest.mark.parametrize("kind, megabytes", [("char", (8, 40)), ("bpe", (4, 24))])
+# BPE's extra text is the larger: its peak moves by up to about 10 MB from one process to the next whatever the
+# text's size (4, 2 and 10 MB for 20, 40 and 60 MB more text, in one environment), as the allocator places things.
+@pytest.mark.parametrize("kind, megabytes", [("char", (8, 40)), ("bpe", (4, 64))])
 def test_peak_memory_does_not_grow_with_the_text(tmp_path, kind, megabytes):
-    """Preparing a text five or six times larger raises the peak resident memory by far less than the extra
-    text (a bound, not a timing): a change that holds the whole text, or its ids, in memory fails here."""
+    """Preparing a text several times larger raises the peak resident memory by far less than the extra text
+    (a bound, not a timing): a change that holds the whole text, or its ids, in memory fails here."""
     small, large = tmp_path / "small", tmp_path / "large"
     extra = repeated_corpus(large, megabytes[1]) - repeated_corpus(small, megabytes[0])
     out = tmp_path / "out"
