@@ -118,3 +118,21 @@ def test_product_stream_rate_is_positive_and_finite_for_one_row_and_several():
 
 def test_fraction_is_measured_over_ceiling():
     assert roofline.fraction(45.0, 50.0) == 0.9
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_rests_memory_traffic_against_a_hand_count(bias):
+    config = GPTConfig(**(TINY.to_dict() | {"bias": bias}))
+    # Arrays read or written per element, forward + backward: LayerNorm 6, GELU 5, softmax 5, a residual
+    # add 6, a bias 3, cross-entropy 3, the embedding 6; the optimizer 8 per parameter.
+    per_block = (
+        2 * 18 * 8 * 6        # two LayerNorms of 18 rows x 8 channels
+        + 18 * 32 * 5         # GELU over 18 x 32
+        + 3 * 2 * 28 * 5      # softmax: 3 rows x 2 heads x 28 (query, key) pairs in blocks of 4 queries
+        + 2 * 18 * 8 * 6      # two residual adds
+        + bias * 18 * (24 + 8 + 32 + 8) * 3
+    )
+    once = 18 * 8 * 6 + 18 * 11 * 3 + 18 * 8 * 6  # final LayerNorm, cross-entropy over 11, embedding
+    params = sum(p.size for p in GPT(config).params.values())
+    assert roofline.rest_bytes(config, B, query_block=4) == 4 * (2 * per_block + once + 8 * params)
+    assert roofline.rest_bytes(config, B, itemsize=8, query_block=4) == 8 * (2 * per_block + once + 8 * params)

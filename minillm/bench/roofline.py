@@ -5,7 +5,7 @@ No step can beat its work done at the machine's best rate:
     training step:    seconds >= matrix-product FLOPs / the float32 matrix-product rate
     decoding a token: seconds >= bytes read / the streaming rate of a matrix-vector product
 
-`training_flops` and `decoding_bytes_per_token` count the work from the shapes alone;
+`training_flops`, `rest_bytes` and `decoding_bytes_per_token` count the work from the shapes alone;
 `measure_ceilings` measures the rates, in the same run as the rows it judges (another
 process, load or clock gives other ceilings); `fraction` is a measured rate over its
 ceiling: MFU is fraction(product FLOPs / step seconds, the product rate). `product_shapes`
@@ -56,6 +56,20 @@ ELEMENTWISE = {
 # Per parameter element: clipping g * g, its sum and g * scale (3); AdamW's 13 in-place steps of
 # fast/adamw.py, and one more (p * decay) for the parameters that decay (optim.decays: ndim >= 2).
 CLIPPING_AND_ADAMW, DECAY = 16, 1
+
+# The rest's memory traffic were each layer one pass over its arrays, as code that runs a layer at a time
+# (NumPy, PyTorch's eager mode) does at best: arrays of the part's size read or written, (forward, backward).
+PASSES = {
+    "layernorm": (3, 3),        # read x, write xhat (kept for backward) and out; read dout and xhat, write dx
+    "gelu": (2, 3),             # read x, write out; read dout and x, write dx
+    "softmax": (2, 3),          # read S, write P; read dP and P, write dS
+    "cross-entropy": (1, 2),    # read the logits; read them again and write dlogits
+    "biases": (2, 1),           # out += b: read and write out; db: read dout
+    "residual adds": (3, 3),    # read x and a, write x + a; read the two gradients, write their sum
+    "embedding": (3, 3),        # read wte[idx] and wpe, write x; read dx, read and write dwte's rows
+}
+# Per parameter element: clipping reads g; AdamW reads p, g, m and v and writes p, m and v.
+OPTIMIZER_PASSES = 8
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,26 @@ def training_flops(config, batch_size, query_block=attention.QUERY_BLOCK):
     shapes = parameter_shapes(config)
     optimizer = sum(math.prod(s) * (CLIPPING_AND_ADAMW + DECAY * (len(s) >= 2)) for s in shapes.values())
     return StepFlops(config.n_layer, per_block, once, optimizer)
+
+
+def rest_bytes(config, batch_size, itemsize=4, query_block=attention.QUERY_BLOCK):
+    """Bytes the rest of a training step (all but its matrix products) moves at the least, each layer one pass.
+
+    PASSES arrays per element of R C (LayerNorm: two a block and the final one; the two residual adds
+    of a block; the embedding), R 4C (GELU), B H K (softmax, K = attention_pairs), R V (cross-entropy)
+    and R 9C per block (the linear layers' biases, when the config has them), and OPTIMIZER_PASSES per
+    parameter, with R = B T. Over the memory's streaming rate this is the least time the rest can take
+    in code that runs each layer as its own pass; fused kernels could move less.
+    """
+    B, T, C, V, H = batch_size, config.block_size, config.n_embd, config.vocab_size, config.n_head
+    R, K = B * T, attention_pairs(T, query_block)
+    per_block = {"layernorm": 2 * R * C, "gelu": R * 4 * C, "softmax": B * H * K, "residual adds": 2 * R * C}
+    if config.bias:
+        per_block["biases"] = R * (3 * C + C + 4 * C + C)
+    once = {"layernorm": R * C, "cross-entropy": R * V, "embedding": R * C}
+    passes = lambda sizes: sum(n * sum(PASSES[part]) for part, n in sizes.items())
+    params = sum(math.prod(s) for s in parameter_shapes(config).values())
+    return itemsize * (config.n_layer * passes(per_block) + passes(once) + OPTIMIZER_PASSES * params)
 
 
 def product_shapes(config, batch_size, query_block=attention.QUERY_BLOCK):

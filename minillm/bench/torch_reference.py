@@ -13,6 +13,7 @@ times too), then runs one training step for each line it reads and answers each
 with a line of its own. TorchProcess drives it.
 """
 
+import math
 import subprocess
 import sys
 
@@ -47,6 +48,7 @@ class TorchGPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
+        gpt2_init(self, config.n_layer)
 
     def forward(self, idx, targets):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
@@ -54,6 +56,22 @@ class TorchGPT(nn.Module):
             x = block(x)
         logits = self.ln_f(x) @ self.wte.weight.T
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def gpt2_init(model, n_layer):
+    """GPT-2's initialisation, as minillm's model.init_params: N(0, 0.02^2) weights, std 0.02 / sqrt(2 n_layer)
+    for the projections into the residual stream, zero biases, LayerNorm gains 1.
+
+    PyTorch's own defaults (N(0, 1) embeddings) would give logits so large that the softmax's
+    probabilities fall below float32's normal range, and arithmetic on such subnormal numbers
+    ran PyTorch's `baby` step at about twice its time (BENCHMARKS.md, "Training").
+    """
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+        else:
+            std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
 
 
 def training_step(config, idx, threads):

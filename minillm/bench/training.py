@@ -30,7 +30,7 @@ import numpy
 from minillm import parallel, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS, benchmark_tokens
-from minillm.bench.roofline import ProductsReplay, fraction, measure_ceilings, training_flops
+from minillm.bench.roofline import ProductsReplay, fraction, measure_ceilings, rest_bytes, training_flops
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, parameter_shapes
 from minillm.optim import AdamW
@@ -196,6 +196,7 @@ def main(argv=None):
         products = statistics.median(times["products alone"])
         eval_per_step = statistics.median(e / m for e, m in zip(times["eval"], times["minillm"]))
         flops = training_flops(config, batch_size)
+        rest_floor = rest_bytes(config, batch_size) / (ceilings.matvec_gbps * 1e9)
         baseline, peak = peak_memory(name, args.threads)
         estimate = analytic_memory_bytes(config, batch_size)
         rows.append([
@@ -204,13 +205,13 @@ def main(argv=None):
             f"{flops.products / 1e9:.1f} + {flops.rest / 1e9:.2f}", f"{flops.total / ours / 1e9:.0f}",
             f"{100 * fraction(flops.products / ours / 1e9, ceiling):.0f}%",
             f"{1000 * products:.0f}", f"{100 * fraction(flops.products / products / 1e9, ceiling):.0f}%",
-            f"{1000 * (ours - products):.0f}", f"{eval_per_step:.2f}",
+            f"{1000 * (ours - products):.0f}", f"{1000 * rest_floor:.0f}", f"{eval_per_step:.2f}",
             f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
             if None not in (baseline, peak) else "not available on this system",
         ])
         print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
         if torch_version and name in SPEED_TARGETS:
-            bounds.append(speed_bound(name, statistics.median(times["pytorch"]), ours, products))
+            bounds.append(speed_bound(name, statistics.median(times["pytorch"]), ours, products, rest_floor))
     table = format_table(HEADERS, rows)
     bounds_text = "The products alone against PyTorch's step:\n\n" + "\n".join(bounds) + "\n\n" if bounds else ""
     first = args.configs[0]
@@ -223,7 +224,8 @@ def main(argv=None):
         f"Ceilings, measured before the rows ({args.threads} BLAS threads, the best of 5): matrix product "
         f"{ceiling:.0f} GFLOP/s (float32 2048x2048), matrix-vector product {ceilings.matvec_gbps:.1f} GB/s, "
         f"elementwise pass {ceilings.elementwise_gbps:.1f} GB/s (512 MiB each; bench/roofline.py). "
-        f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own.\n\n"
+        f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own, "
+        "its model initialised as minillm's (GPT-2's; bench/torch_reference.py says why).\n\n"
         f"{table}\n\n"
         f"ms: median of {', '.join(f'{CONFIGS[n][2]} ({n})' for n in args.configs)} full steps (forward, backward, "
         "clipping, AdamW), minillm and PyTorch timed in turns; speed: the median over those rounds of PyTorch's "
@@ -235,7 +237,10 @@ def main(argv=None):
         "(bench/roofline.py, ProductsReplay), timed between the steps (median): the least a step of these shapes "
         "can take; of ceiling: their rate over the matrix-product ceiling (small products run below a large "
         "one's rate); the rest: the step's median less theirs (elementwise work, copies, the optimizer, "
-        "waiting). eval / step: the median over the rounds of one evaluation batch of the step's shape, as "
+        "waiting); its floor: the bytes it moves were each layer one pass over its arrays (bench/roofline.py, "
+        "rest_bytes: what code that runs a layer at a time, NumPy's or PyTorch's eager mode, moves at the least) "
+        "over the matrix-vector product's streaming rate, the memory's. eval / step: the median over the rounds of "
+        "one evaluation batch of the step's shape, as "
         "train.py's estimate_loss runs it (forward only, nothing kept), over that round's step; at most "
         f"{EVAL_TARGET} is the aim. Memory: peak resident memory of a "
         "fresh training process less its size before building the model, against the analytic estimate "
@@ -250,25 +255,29 @@ def main(argv=None):
         write_section(TITLE, report)
 
 
-def speed_bound(name, torch_seconds, step_seconds, products_seconds):
+def speed_bound(name, torch_seconds, step_seconds, products_seconds, rest_floor_seconds):
     """A line of the report: the step that SPEED_TARGETS[name] x PyTorch needs against the products alone.
 
     N x PyTorch needs a step of at most PyTorch's seconds / N; the products alone are the least
-    a step takes, so PyTorch's seconds / the products' is the most speed their rate allows.
+    a step takes, so PyTorch's seconds / the products' is the most speed their rate allows. The
+    rest's floor (rest_bytes at the streaming rate) is the least the rest takes a layer at a time.
     """
     target = SPEED_TARGETS[name]
     needed = torch_seconds / target
-    verdict = (f"leaving {1000 * (needed - products_seconds):.0f} ms for the rest (now "
-               f"{1000 * (step_seconds - products_seconds):.0f} ms)" if needed > products_seconds
+    left = needed - products_seconds
+    verdict = (f"leaving {1000 * left:.0f} ms for the rest (now {1000 * (step_seconds - products_seconds):.0f} ms, "
+               f"its floor {1000 * rest_floor_seconds:.0f} ms)" if left > 0
                else "already more: no rest at all would reach the target")
+    if 0 < left < rest_floor_seconds:
+        verdict += ": beyond this machine for code that runs each layer as its own pass over memory"
     return (f"- {name}: {target}x PyTorch's {1000 * torch_seconds:.0f} ms needs a step of at most "
             f"{1000 * needed:.0f} ms; the products alone take {1000 * products_seconds:.0f} ms, {verdict}; "
             f"with no rest at all the step would be {torch_seconds / products_seconds:.2f}x PyTorch")
 
 
 HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP: products + rest",
-           "GFLOP/s", "MFU", "products alone ms", "products alone: of ceiling", "the rest ms", "eval / step",
-           "memory: measured / analytic"]
+           "GFLOP/s", "MFU", "products alone ms", "products alone: of ceiling", "the rest ms", "the rest: floor ms",
+           "eval / step", "memory: measured / analytic"]
 
 if __name__ == "__main__":
     main()
