@@ -32,6 +32,7 @@ import numpy
 import torch
 
 from minillm.bench.torch_reference import TorchGPT
+from minillm.model import GPTConfig
 from minillm.options import TrainConfig
 
 
@@ -67,9 +68,8 @@ def run(out_dir, max_iters=TrainConfig.max_iters):
         y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + cfg.block_size].astype(numpy.int64)) for i in starts])
         return x, y
 
-    config = type("Config", (), dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                      n_head=cfg.n_head, n_embd=cfg.n_embd))
-    model = TorchGPT(config)
+    model = TorchGPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                               n_head=cfg.n_head, n_embd=cfg.n_embd))
     matrices = [p for p in model.parameters() if p.dim() >= 2]
     others = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
