@@ -1,4 +1,8 @@
-"""The default-run benchmark (python -m minillm.bench.default_run) on a few steps, and its PyTorch loop's schedule."""
+"""The PyTorch side of the benchmarks, and how the training report reads the rest's floor.
+
+The default-run benchmark (python -m minillm.bench.default_run) on a few steps, its PyTorch loop's
+learning-rate schedule, the PyTorch model's initialisation, and bench/training.py's verdict line.
+"""
 
 import math
 import re
