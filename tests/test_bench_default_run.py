@@ -1,7 +1,8 @@
 """The PyTorch side of the benchmarks, and how the training report reads the rest's floor.
 
 The default-run benchmark (python -m minillm.bench.default_run) on a few steps, its PyTorch loop's
-learning-rate schedule, the PyTorch model's initialisation, and bench/training.py's verdict line.
+learning-rate schedule, the PyTorch model's initialisation, PyTorch's products alone (the step's
+own, answered by its process), and bench/training.py's verdict line.
 """
 
 import math
@@ -46,12 +47,55 @@ def test_the_benchmark_times_both_runs_in_alternating_order(tmp_path, monkeypatc
 
 def test_a_rest_floor_above_what_the_target_leaves_is_called_beyond_the_machine():
     # PyTorch 1.3 s, 1.3x wanted: a step of 1.0 s; products 0.9 s leave 0.1 s for the rest.
-    beyond = speed_bound("small", 1.3, step_seconds=1.2, products_seconds=0.9, rest_floor_seconds=0.15)
+    beyond = speed_bound("small", 1.3, step_seconds=1.2, products_seconds=0.9, rest_floor_seconds=0.15,
+                         torch_rest_seconds=0.4)
     assert "leaving 100 ms for the rest (now 300 ms, its floor 150 ms)" in beyond
-    assert "beyond this machine" in beyond
-    within = speed_bound("small", 1.3, step_seconds=1.2, products_seconds=0.9, rest_floor_seconds=0.05)
-    assert "its floor 50 ms)" in within and "beyond" not in within
-    assert "no rest at all would reach" in speed_bound("small", 1.3, 1.2, 1.1, 0.05)
+    assert "beyond this machine" in beyond and "compiled" not in beyond
+    within = speed_bound("small", 1.3, step_seconds=1.2, products_seconds=0.9, rest_floor_seconds=0.05,
+                         torch_rest_seconds=0.05)
+    assert "its floor 50 ms)" in within and "beyond" not in within and "compiled" not in within
+    assert "no rest at all would reach" in speed_bound("small", 1.3, 1.2, 1.1, 0.05, 0.2)
+
+
+def test_a_target_that_leaves_the_rest_less_than_pytorchs_own_says_how_much_less():
+    # 100 ms left for the rest, where PyTorch's compiled layers take 250 ms for it.
+    line = speed_bound("small", 1.3, step_seconds=1.2, products_seconds=0.9, rest_floor_seconds=0.05,
+                       torch_rest_seconds=0.25)
+    assert "beyond" not in line
+    assert "2.5x less than PyTorch's compiled layers take for it (250 ms)" in line
+
+
+def test_pytorchs_products_alone_are_the_steps_products():
+    torch = pytest.importorskip("torch")
+    from minillm.bench import roofline, torch_reference
+    from minillm.model import GPTConfig
+
+    config = GPTConfig(vocab_size=50, block_size=40, n_layer=2, n_head=2, n_embd=16)
+    flops = []
+    matmul = torch.matmul
+
+    def counted(a, b, out):
+        flops.append(2 * math.prod(a.shape) * b.shape[-1])
+        return matmul(a, b, out=out)
+
+    products = torch_reference.products_alone(config, batch_size=3, threads=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "matmul", counted)
+        products()
+    assert sum(flops) == roofline.training_flops(config, 3).products
+
+
+def test_pytorchs_process_answers_a_step_and_its_products_alone():
+    pytest.importorskip("torch")
+    from minillm.bench.torch_reference import TorchProcess
+
+    process = TorchProcess("baby", 1)
+    try:
+        process.step()
+        process.products()
+    finally:
+        process.close()
+    assert process._process.returncode == 0
 
 
 def test_pytorchs_model_starts_from_gpt2s_initialisation_as_minillms_does():

@@ -110,6 +110,12 @@ def test_measure_ceilings_gives_positive_finite_rates_on_a_tiny_size():
         assert all(math.isfinite(rate) and rate > 0 for rate in rates), ceilings
 
 
+def test_the_best_ceilings_take_each_rate_from_the_faster_measurement():
+    before = roofline.Ceilings(matmul_gflops=200.0, matvec_gbps=30.0, elementwise_gbps=10.0)
+    after = roofline.Ceilings(matmul_gflops=250.0, matvec_gbps=25.0, elementwise_gbps=12.0)
+    assert roofline.best_ceilings(before, after) == roofline.Ceilings(250.0, 30.0, 12.0)
+
+
 def test_product_stream_rate_is_positive_and_finite_for_one_row_and_several():
     for rows in (1, 8):
         rate = roofline.product_stream_gbps(rows, stream_mib=1, repeat=2)

@@ -238,14 +238,30 @@ def product_shapes(config, batch_size, query_block=attention.QUERY_BLOCK):
     return shapes + linear("lm head", C, V, 1)
 
 
+def product_operands(config, batch_size, rng, query_block=attention.QUERY_BLOCK):
+    """[(a, b, out, runs)]: product_shapes' products for batch_size rows, on random float32 operands.
+
+    Run numpy.matmul(a, b, out=out) `runs` times for each; the stacked products (attention's) are one
+    matmul over (rows, heads) per block, as the attention calls them.
+    """
+    stack = batch_size * config.n_head
+    operands = []
+    for part, (m, k, n), count in product_shapes(config, batch_size, query_block):
+        lead = (batch_size, config.n_head) if part in STACKED_PRODUCTS else ()
+        runs = count // stack if part in STACKED_PRODUCTS else count
+        a = rng.standard_normal((*lead, m, k), dtype=numpy.float32)
+        b = rng.standard_normal((*lead, k, n), dtype=numpy.float32)
+        operands.append((a, b, numpy.empty((*lead, m, n), dtype=numpy.float32), runs))
+    return operands
+
+
 class ProductsReplay:
     """One training step's matrix products (product_shapes) alone, on random float32 operands; call it to run them.
 
     The batch is split by rows as parallel.ShardedGPT splits it (numpy.array_split into
     min(threads, batch_size) shards), and each shard's products, at the shapes of its own rows,
     run on a thread of parallel.Workers: one BLAS thread each, the shards at once; one shard
-    (threads 1, or a batch of one row) runs here with all BLAS threads. The stacked products are
-    one matmul over (shard rows, heads) per block, as the attention calls them.
+    (threads 1, or a batch of one row) runs here with all BLAS threads.
 
     Contiguous operands, a fresh set per product, the same set for each of its count runs, the
     results written into buffers of their own: no allocation, no copy, and operands warm in the
@@ -255,21 +271,8 @@ class ProductsReplay:
     def __init__(self, config, batch_size, threads, query_block=attention.QUERY_BLOCK, seed=0):
         rng = numpy.random.default_rng(seed)
         rows = numpy.array_split(numpy.arange(batch_size), min(threads, batch_size))
-        self.shards = [self._operands(config, len(r), query_block, rng) for r in rows]
+        self.shards = [product_operands(config, len(r), rng, query_block) for r in rows]
         self.workers = parallel.Workers(threads)
-
-    @staticmethod
-    def _operands(config, batch_size, query_block, rng):
-        """[(a, b, out, runs)] for one shard of batch_size rows."""
-        stack = batch_size * config.n_head
-        operands = []
-        for part, (m, k, n), count in product_shapes(config, batch_size, query_block):
-            lead = (batch_size, config.n_head) if part in STACKED_PRODUCTS else ()
-            runs = count // stack if part in STACKED_PRODUCTS else count
-            a = rng.standard_normal((*lead, m, k), dtype=numpy.float32)
-            b = rng.standard_normal((*lead, k, n), dtype=numpy.float32)
-            operands.append((a, b, numpy.empty((*lead, m, n), dtype=numpy.float32), runs))
-        return operands
 
     @staticmethod
     def _run(operands):
@@ -332,6 +335,12 @@ class Ceilings:
     matmul_gflops: float
     matvec_gbps: float
     elementwise_gbps: float
+
+
+def best_ceilings(*measurements):
+    """The fastest of several Ceilings, rate by rate: other load only ever slows a measurement."""
+    return Ceilings(*(max(getattr(m, field) for m in measurements)
+                      for field in ("matmul_gflops", "matvec_gbps", "elementwise_gbps")))
 
 
 def measure_ceilings(xp=numpy, threads=None, matmul_size=2048, stream_mib=512, repeat=5):

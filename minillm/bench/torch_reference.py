@@ -9,19 +9,21 @@ PyTorch's own allocator and thread settings, untouched by minillm's:
     python -m minillm.bench.torch_reference CONFIG THREADS
 
 builds the benchmark configuration CONFIG (bench/configs.py, the one minillm's side
-times too), then runs one training step for each line it reads and answers each
-with a line of its own. TorchProcess drives it.
+times too), then for each line it reads runs one training step ("step") or the step's
+matrix products alone ("products"), and answers with a line of its own. TorchProcess drives it.
 """
 
 import math
 import subprocess
 import sys
 
+import numpy
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from minillm.bench.configs import CONFIGS, benchmark_tokens
+from minillm.bench.roofline import product_operands
 
 
 class Block(nn.Module):
@@ -89,6 +91,26 @@ def training_step(config, idx, threads):
     return step
 
 
+def products_alone(config, batch_size, threads):
+    """A function that runs one training step's matrix products alone with PyTorch's matmul.
+
+    The products and operands of minillm's ProductsReplay (bench/roofline.py), the whole batch
+    at once on PyTorch's threads: what is left of PyTorch's step without them is its other work,
+    its compiled layers (one kernel per layer), copies and AdamW. Attention's products are replayed
+    over minillm's causal blocks, the same FLOPs as PyTorch's fused attention kernel computes inside it.
+    """
+    torch.set_num_threads(threads)
+    operands = [(*(torch.from_numpy(x) for x in (a, b, out)), runs)
+                for a, b, out, runs in product_operands(config, batch_size, numpy.random.default_rng(0))]
+
+    def products():
+        for a, b, out, runs in operands:
+            for _ in range(runs):
+                torch.matmul(a, b, out=out)
+
+    return products
+
+
 class TorchProcess:
     """A PyTorch training process for one benchmark configuration; step() runs one step in it and waits."""
 
@@ -97,7 +119,14 @@ class TorchProcess:
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def step(self):
-        self._process.stdin.write("step\n")
+        self._ask("step")
+
+    def products(self):
+        """The step's matrix products alone (products_alone), in the same process."""
+        self._ask("products")
+
+    def _ask(self, command):
+        self._process.stdin.write(command + "\n")
         self._process.stdin.flush()
         if not self._process.stdout.readline():
             raise RuntimeError("the PyTorch benchmark process ended unexpectedly")
@@ -109,9 +138,10 @@ class TorchProcess:
 
 def serve(config_name, threads):
     config, batch_size, _ = CONFIGS[config_name]
-    step = training_step(config, benchmark_tokens(config, batch_size), threads)
-    for _ in sys.stdin:
-        step()
+    run = {"step": training_step(config, benchmark_tokens(config, batch_size), threads),
+           "products": products_alone(config, batch_size, threads)}
+    for line in sys.stdin:
+        run[line.strip()]()
         print("done", flush=True)
 
 

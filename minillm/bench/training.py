@@ -10,9 +10,9 @@ rate measured in the same run), the step's matrix products replayed alone at the
 shapes (bench/roofline.py's ProductsReplay: the least the step can take at these
 shapes) and the rest of the step, an evaluation batch against a step, and the peak
 memory of a training process against an analytic estimate. PyTorch, when importable,
-runs the same model with the same shapes and thread count; its steps, the products
-alone and the evaluation batches are interleaved with minillm's steps so that load
-from elsewhere falls on all alike.
+runs the same model with the same shapes and thread count, and the same products alone
+with its own matmul; its steps and products, minillm's products alone and the evaluation
+batches are interleaved with minillm's steps so that load from elsewhere falls on all alike.
 Then a per-layer breakdown of one step of the first configuration.
 """
 
@@ -30,7 +30,7 @@ import numpy
 from minillm import parallel, system
 from minillm.bench.common import format_table, interleaved_times, write_section
 from minillm.bench.configs import CONFIGS, benchmark_tokens
-from minillm.bench.roofline import ProductsReplay, fraction, measure_ceilings, rest_bytes, training_flops
+from minillm.bench.roofline import ProductsReplay, best_ceilings, fraction, measure_ceilings, rest_bytes, training_flops
 from minillm.fast import attention, cross_entropy, dropout, embedding, gelu, layernorm, linear, mlp, softmax
 from minillm.model import GPT, parameter_shapes
 from minillm.optim import AdamW
@@ -170,48 +170,22 @@ def main(argv=None):
         return memory_probe(args.memory_probe, args.threads)
     torch_version = installed_version("torch")
 
-    ceilings = measure_ceilings(threads=args.threads)
+    before = measure_ceilings(threads=args.threads)
+    print(f"float32 2048x2048 matrix product: {before.matmul_gflops:.0f} GFLOP/s; {args.threads} threads")
+    measured = {}
+    for name in args.configs:
+        measured[name] = measure_config(name, args.threads, torch_version)
+        ms = {k: f"{1000 * statistics.median(v):.0f}" for k, v in measured[name]["times"].items()}
+        print(f"{name}: " + ", ".join(f"{k} {v} ms" for k, v in ms.items()), flush=True)
+    after = measure_ceilings(threads=args.threads)
+    ceilings = best_ceilings(before, after)
     ceiling = ceilings.matmul_gflops
-    print(f"float32 2048x2048 matrix product: {ceiling:.0f} GFLOP/s (the MFU ceiling); {args.threads} threads")
     rows, bounds = [], []
     for name in args.configs:
-        config, batch_size, steps = CONFIGS[name]
-        step, evaluate = step_and_evaluation(config, batch_size, args.threads)
-        products_alone = ProductsReplay(config, batch_size, args.threads)
-        functions = {"minillm": step, "products alone": products_alone, "eval": evaluate}
-        if torch_version:
-            from minillm.bench.torch_reference import TorchProcess
-
-            torch_process = TorchProcess(name, args.threads)
-            functions["pytorch"] = torch_process.step
-        times = interleaved_times(functions, steps)
-        products_alone.close()
-        torch_ms = speed = "-"
-        if torch_version:
-            torch_process.close()
-            torch_ms = f"{1000 * statistics.median(times['pytorch']):.0f}"
-            # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
-            speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
-        ours = statistics.median(times["minillm"])
-        products = statistics.median(times["products alone"])
-        eval_per_step = statistics.median(e / m for e, m in zip(times["eval"], times["minillm"]))
-        flops = training_flops(config, batch_size)
-        rest_floor = rest_bytes(config, batch_size) / (ceilings.matvec_gbps * 1e9)
-        baseline, peak = peak_memory(name, args.threads)
-        estimate = analytic_memory_bytes(config, batch_size)
-        rows.append([
-            name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
-            f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
-            f"{flops.products / 1e9:.1f} + {flops.rest / 1e9:.2f}", f"{flops.total / ours / 1e9:.0f}",
-            f"{100 * fraction(flops.products / ours / 1e9, ceiling):.0f}%",
-            f"{1000 * products:.0f}", f"{100 * fraction(flops.products / products / 1e9, ceiling):.0f}%",
-            f"{1000 * (ours - products):.0f}", f"{1000 * rest_floor:.0f}", f"{eval_per_step:.2f}",
-            f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
-            if None not in (baseline, peak) else "not available on this system",
-        ])
-        print(format_table(HEADERS, rows[-1:]).splitlines()[-1], flush=True)
-        if torch_version and name in SPEED_TARGETS:
-            bounds.append(speed_bound(name, statistics.median(times["pytorch"]), ours, products, rest_floor))
+        row, bound = report_row(name, measured[name], ceilings)
+        rows.append(row)
+        if bound:
+            bounds.append(bound)
     table = format_table(HEADERS, rows)
     bounds_text = "The products alone against PyTorch's step:\n\n" + "\n".join(bounds) + "\n\n" if bounds else ""
     first = args.configs[0]
@@ -221,9 +195,11 @@ def main(argv=None):
         [[n, f"{f:.1f}", f"{b:.1f}", f"{100 * (f + b) / 1000 / total:.0f}%"] for n, f, b in breakdown],
     )
     report = (
-        f"Ceilings, measured before the rows ({args.threads} BLAS threads, the best of 5): matrix product "
-        f"{ceiling:.0f} GFLOP/s (float32 2048x2048), matrix-vector product {ceilings.matvec_gbps:.1f} GB/s, "
-        f"elementwise pass {ceilings.elementwise_gbps:.1f} GB/s (512 MiB each; bench/roofline.py). "
+        f"Ceilings, measured before and after the rows ({args.threads} BLAS threads, the best of 5 each time, "
+        f"then the faster of the two): matrix product {ceiling:.0f} GFLOP/s (float32 2048x2048; "
+        f"{before.matmul_gflops:.0f} before, {after.matmul_gflops:.0f} after), matrix-vector product "
+        f"{ceilings.matvec_gbps:.1f} GB/s, elementwise pass {ceilings.elementwise_gbps:.1f} GB/s "
+        "(512 MiB each; bench/roofline.py). "
         f"PyTorch: {'eager mode, ' + torch_version if torch_version else 'not installed'}, in a process of its own, "
         "its model initialised as minillm's (GPT-2's; bench/torch_reference.py says why).\n\n"
         f"{table}\n\n"
@@ -239,7 +215,10 @@ def main(argv=None):
         "one's rate); the rest: the step's median less theirs (elementwise work, copies, the optimizer, "
         "waiting); its floor: the bytes it moves were each layer one pass over its arrays (bench/roofline.py, "
         "rest_bytes: what code that runs a layer at a time, NumPy's or PyTorch's eager mode, moves at the least) "
-        "over the matrix-vector product's streaming rate, the memory's. eval / step: the median over the rounds of "
+        "over the matrix-vector product's streaming rate, the memory's. PyTorch: products alone + the rest: the "
+        "same products (and operands) with PyTorch's matmul in PyTorch's process, timed in turn with the others, "
+        "and PyTorch's step less them: its compiled layers (one kernel each, attention one fused kernel), "
+        "copies and AdamW. eval / step: the median over the rounds of "
         "one evaluation batch of the step's shape, as "
         "train.py's estimate_loss runs it (forward only, nothing kept), over that round's step; at most "
         f"{EVAL_TARGET} is the aim. Memory: peak resident memory of a "
@@ -255,12 +234,73 @@ def main(argv=None):
         write_section(TITLE, report)
 
 
-def speed_bound(name, torch_seconds, step_seconds, products_seconds, rest_floor_seconds):
+def measure_config(name, threads, torch_version):
+    """{"times": {function: [seconds per round]}, "memory": (baseline, peak)} for one configuration.
+
+    minillm's step, its products alone, an evaluation batch and, with PyTorch installed,
+    PyTorch's step and its products alone, timed in turns (interleaved_times).
+    """
+    config, batch_size, steps = CONFIGS[name]
+    step, evaluate = step_and_evaluation(config, batch_size, threads)
+    products_alone = ProductsReplay(config, batch_size, threads)
+    functions = {"minillm": step, "products alone": products_alone, "eval": evaluate}
+    if torch_version:
+        from minillm.bench.torch_reference import TorchProcess
+
+        torch_process = TorchProcess(name, threads)
+        functions["pytorch"] = torch_process.step
+        functions["pytorch products alone"] = torch_process.products
+    try:
+        times = interleaved_times(functions, steps)
+    finally:
+        products_alone.close()
+        if torch_version:
+            torch_process.close()
+    return {"times": times, "memory": peak_memory(name, threads)}
+
+
+def report_row(name, measured, ceilings):
+    """(the table's row for configuration `name`, its speed_bound line or None without PyTorch)."""
+    config, batch_size, _ = CONFIGS[name]
+    times = measured["times"]
+    ceiling = ceilings.matmul_gflops
+    ours = statistics.median(times["minillm"])
+    products = statistics.median(times["products alone"])
+    eval_per_step = statistics.median(e / m for e, m in zip(times["eval"], times["minillm"]))
+    flops = training_flops(config, batch_size)
+    rest_floor = rest_bytes(config, batch_size) / (ceilings.matvec_gbps * 1e9)
+    torch_ms = speed = torch_split = "-"
+    bound = None
+    if "pytorch" in times:
+        torch_step, torch_products = (statistics.median(times[k]) for k in ("pytorch", "pytorch products alone"))
+        torch_ms = f"{1000 * torch_step:.0f}"
+        torch_split = f"{1000 * torch_products:.0f} + {1000 * (torch_step - torch_products):.0f}"
+        # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
+        speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
+        if name in SPEED_TARGETS:
+            bound = speed_bound(name, torch_step, ours, products, rest_floor, torch_step - torch_products)
+    baseline, peak = measured["memory"]
+    estimate = analytic_memory_bytes(config, batch_size)
+    row = [
+        name, f"{config.n_layer}/{config.n_head}/{config.n_embd}/{config.block_size}/{batch_size}",
+        f"{1000 * ours:.0f}", torch_ms, speed, f"{batch_size * config.block_size / ours:,.0f}",
+        f"{flops.products / 1e9:.1f} + {flops.rest / 1e9:.2f}", f"{flops.total / ours / 1e9:.0f}",
+        f"{100 * fraction(flops.products / ours / 1e9, ceiling):.0f}%",
+        f"{1000 * products:.0f}", f"{100 * fraction(flops.products / products / 1e9, ceiling):.0f}%",
+        f"{1000 * (ours - products):.0f}", f"{1000 * rest_floor:.0f}", torch_split, f"{eval_per_step:.2f}",
+        f"{(peak - baseline) / 2**20:.0f} / {estimate / 2**20:.0f} MiB ({(peak - baseline) / estimate:.2f}x)"
+        if None not in (baseline, peak) else "not available on this system",
+    ]
+    return row, bound
+
+
+def speed_bound(name, torch_seconds, step_seconds, products_seconds, rest_floor_seconds, torch_rest_seconds):
     """A line of the report: the step that SPEED_TARGETS[name] x PyTorch needs against the products alone.
 
     N x PyTorch needs a step of at most PyTorch's seconds / N; the products alone are the least
     a step takes, so PyTorch's seconds / the products' is the most speed their rate allows. The
-    rest's floor (rest_bytes at the streaming rate) is the least the rest takes a layer at a time.
+    rest's floor (rest_bytes at the streaming rate) is the least the rest takes a layer at a time;
+    PyTorch's rest (its step less its products alone) is what compiled layers take for the same work.
     """
     target = SPEED_TARGETS[name]
     needed = torch_seconds / target
@@ -270,6 +310,9 @@ def speed_bound(name, torch_seconds, step_seconds, products_seconds, rest_floor_
                else "already more: no rest at all would reach the target")
     if 0 < left < rest_floor_seconds:
         verdict += ": beyond this machine for code that runs each layer as its own pass over memory"
+    elif 0 < left < torch_rest_seconds:
+        verdict += (f": {torch_rest_seconds / left:.1f}x less than PyTorch's compiled layers take for it "
+                    f"({1000 * torch_rest_seconds:.0f} ms)")
     return (f"- {name}: {target}x PyTorch's {1000 * torch_seconds:.0f} ms needs a step of at most "
             f"{1000 * needed:.0f} ms; the products alone take {1000 * products_seconds:.0f} ms, {verdict}; "
             f"with no rest at all the step would be {torch_seconds / products_seconds:.2f}x PyTorch")
@@ -277,7 +320,7 @@ def speed_bound(name, torch_seconds, step_seconds, products_seconds, rest_floor_
 
 HEADERS = ["config", "L/H/C/T/B", "minillm ms", "PyTorch ms", "speed", "tokens/s", "GFLOP: products + rest",
            "GFLOP/s", "MFU", "products alone ms", "products alone: of ceiling", "the rest ms", "the rest: floor ms",
-           "eval / step", "memory: measured / analytic"]
+           "PyTorch: products alone + the rest ms", "eval / step", "memory: measured / analytic"]
 
 if __name__ == "__main__":
     main()
