@@ -2,7 +2,7 @@
 
 The default-run benchmark (python -m minillm.bench.default_run) on a few steps, its PyTorch loop's
 learning-rate schedule, the PyTorch model's initialisation, PyTorch's products alone (the step's
-own, answered by its process), and bench/training.py's verdict line.
+own, answered by its process), and bench/training.py's table row and verdict line.
 """
 
 import math
@@ -118,3 +118,27 @@ def test_pytorchs_model_starts_from_gpt2s_initialisation_as_minillms_does():
             assert abs(float(p.mean())) < expected / 5, name
     assert {name for name in params if name.endswith("proj.weight")} == {
         f"blocks.{i}.{kind}_proj.weight" for i in range(config.n_layer) for kind in ("attn", "mlp")}
+
+
+def test_the_training_tables_row_from_measured_times_with_and_without_pytorch():
+    from minillm.bench import training
+    from minillm.bench.roofline import Ceilings
+
+    ceilings = Ceilings(matmul_gflops=300.0, matvec_gbps=30.0, elementwise_gbps=13.0)
+    ours = {"minillm": [0.050, 0.040, 0.060], "products alone": [0.020] * 3, "eval": [0.015, 0.012, 0.020]}
+    theirs = {"pytorch": [0.040, 0.036, 0.048], "pytorch products alone": [0.016] * 3}
+    memory = (10 * 2**20, 60 * 2**20)
+    row, bound = training.report_row("baby", {"times": ours, "memory": memory}, ceilings)
+    cells = dict(zip(training.HEADERS, row))
+    assert bound is None and cells["PyTorch ms"] == cells["speed"] == "-"
+    assert cells["minillm ms"] == "50" and cells["products alone ms"] == "20" and cells["the rest ms"] == "30"
+    assert cells["eval / step"] == "0.30"
+    assert cells["memory: measured / analytic"].startswith("50 / ")
+
+    row, bound = training.report_row("baby", {"times": ours | theirs, "memory": memory}, ceilings)
+    cells = dict(zip(training.HEADERS, row))
+    assert cells["PyTorch ms"] == "40" and cells["speed"] == "0.80x"  # each round's ratio, then their median
+    assert cells["PyTorch: products alone + the rest ms"] == "16 + 24"
+    # 1.3x PyTorch's 40 ms: a step of 31 ms, leaving 11 ms after the products; PyTorch's rest takes 24.
+    assert bound.startswith("- baby: 1.3x PyTorch's 40 ms needs a step of at most 31 ms")
+    assert "2.2x less than PyTorch's compiled layers take for it (24 ms)" in bound

@@ -273,12 +273,13 @@ def report_row(name, measured, ceilings):
     bound = None
     if "pytorch" in times:
         torch_step, torch_products = (statistics.median(times[k]) for k in ("pytorch", "pytorch products alone"))
+        torch_rest = torch_step - torch_products
         torch_ms = f"{1000 * torch_step:.0f}"
-        torch_split = f"{1000 * torch_products:.0f} + {1000 * (torch_step - torch_products):.0f}"
+        torch_split = f"{1000 * torch_products:.0f} + {1000 * torch_rest:.0f}"
         # The median of each round's ratio: a slow spell of the machine falls on both steps of a round.
         speed = f"{statistics.median(t / m for t, m in zip(times['pytorch'], times['minillm'])):.2f}x"
         if name in SPEED_TARGETS:
-            bound = speed_bound(name, torch_step, ours, products, rest_floor, torch_step - torch_products)
+            bound = speed_bound(name, torch_step, ours, products, rest_floor, torch_rest)
     baseline, peak = measured["memory"]
     estimate = analytic_memory_bytes(config, batch_size)
     row = [
